@@ -1,0 +1,327 @@
+"""The driver seam, and the commit logic every driver shares.
+
+A driver stores state versions, data blobs and delayed states. It is handed commands that the
+engine has already validated; for a commit it runs :func:`process_commit`, which performs the
+sub-commands on private copies of the callers' ctxs and asks the driver's transaction for the
+few storage operations it needs. The callers' ctxs are only updated once the driver has made the
+whole commit durable (:meth:`CommitOutcome.apply`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from flowstate import perform
+from flowstate.clock import Clock, SystemClock, from_millis, to_millis
+from flowstate.commands import (
+    Command,
+    CommitCmd,
+    DelayCmd,
+    DelayedState,
+    GetDataCmd,
+    GetDelayedStatesResult,
+    GetStateByIdCmd,
+    GetStateByLabelsCmd,
+    GetStatesCmd,
+    GetStatesResult,
+    NoopCmd,
+    ParkCmd,
+    StackCmd,
+    StoreDataCmd,
+    TransitCmd,
+    UnstackCmd,
+)
+from flowstate.data import Data
+from flowstate.errors import RevMismatchError, ValidationError
+from flowstate.state import State, StateCtx
+
+
+class CommitTx(Protocol):
+    """What a commit needs from a driver's open transaction. Called in sub-command order.
+
+    ``commit_state`` sets ``state.rev`` to the next global rev and stores ``state`` if the
+    latest stored rev of ``state.id`` equals ``expected_rev`` (0: no version may exist);
+    otherwise it stores nothing and returns False. Writes of a commit that ends with an
+    exception (conflict included) must be rolled back by the driver.
+    """
+
+    def commit_state(self, state: State, expected_rev: int) -> bool: ...
+
+    def get_state(self, state_id: str, rev: int) -> State: ...
+
+    def get_state_by_labels(self, labels: Mapping[str, str]) -> State: ...
+
+    def store_data(self, data: Data) -> None: ...
+
+    def get_data(self, data: Data) -> None: ...
+
+    def delay(self, delayed: DelayedState) -> int: ...
+
+
+# One storage request of a commit: the CommitTx method name and its arguments.
+TxOp = tuple[str, tuple[Any, ...]]
+
+
+@dataclass(slots=True)
+class CommitOutcome:
+    """The result of a processed commit, applied to the callers' objects once it is durable."""
+
+    pairs: list[tuple[StateCtx, StateCtx]] = field(default_factory=list)
+    delays: list[tuple[DelayCmd, DelayedState]] = field(default_factory=list)
+    max_rev: int = 0
+
+    def apply(self) -> None:
+        for orig, work in self.pairs:
+            orig.current = work.current
+            orig.committed = work.committed
+            orig.transitions = work.transitions
+            datas = orig.datas
+            for alias in [a for a in datas if a not in work.datas]:
+                del datas[alias]
+            for alias, wd in work.datas.items():
+                od = datas.get(alias)
+                if od is None:
+                    datas[alias] = wd
+                else:
+                    od.blob, od.annotations, od.rev = wd.blob, wd.annotations, wd.rev
+        for cmd, delayed in self.delays:
+            cmd.result = delayed
+
+
+def process_commit(cmd: CommitCmd, now: datetime) -> Generator[TxOp, Any, CommitOutcome]:
+    """Perform a commit's sub-commands in order, yielding the storage operations to run.
+
+    Sub-commands work on copies of the ctxs, so a later sub-command sees what an earlier one
+    did (a park's new rev, a stacked snapshot) while the callers' ctxs stay untouched until
+    :meth:`CommitOutcome.apply`. Every conflicting id is collected; the generator then raises
+    :class:`RevMismatchError` naming all of them.
+    """
+    perform.check_commit(cmd)
+    committed_at = from_millis(to_millis(now))
+    work: dict[int, tuple[StateCtx, StateCtx]] = {}
+
+    def w(ctx: StateCtx) -> StateCtx:
+        pair = work.get(id(ctx))
+        if pair is None:
+            copy = ctx.deep_copy()
+            pair = work[id(ctx)] = (ctx, copy)
+        return pair[1]
+
+    outcome = CommitOutcome()
+    conflicts: list[str] = []
+    for i, sub in enumerate(cmd.commands):
+        try:
+            ctx: StateCtx | None = None
+            if isinstance(sub, TransitCmd):
+                ctx = w(sub.ctx)
+                perform.transit(TransitCmd(ctx, sub.to, sub.annotations))
+            elif isinstance(sub, ParkCmd):
+                ctx = w(sub.ctx)
+                perform.park(ParkCmd(ctx, sub.annotations))
+            elif isinstance(sub, NoopCmd):
+                pass
+            elif isinstance(sub, StackCmd):
+                perform.stack(StackCmd(w(sub.carrier), w(sub.stacked), sub.annotation))
+            elif isinstance(sub, UnstackCmd):
+                perform.unstack(UnstackCmd(w(sub.carrier), w(sub.target), sub.annotation))
+            elif isinstance(sub, StoreDataCmd):
+                sd = StoreDataCmd(w(sub.ctx), sub.alias)
+                data = perform.prepare_store_data(sd)
+                if data is not None:
+                    yield "store_data", (data,)
+                    perform.link_data(sd, data)
+            elif isinstance(sub, GetDataCmd):
+                data = perform.prepare_get_data(GetDataCmd(w(sub.ctx), sub.alias))
+                if data is not None:
+                    yield "get_data", (data,)
+            elif isinstance(sub, GetStateByIdCmd):
+                perform.check_get_state_by_id(sub)
+                found = yield "get_state", (sub.id, sub.rev)
+                load_into(w(sub.ctx), found)
+            elif isinstance(sub, GetStateByLabelsCmd):
+                perform.check_map(sub.labels, "labels")
+                found = yield "get_state_by_labels", (sub.labels,)
+                load_into(w(sub.ctx), found)
+            elif isinstance(sub, DelayCmd):
+                delayed = perform.prepare_delay(sub, now)
+                delayed.offset = yield "delay", (delayed,)
+                outcome.delays.append((sub, delayed))
+            else:
+                raise ValidationError("", f"unknown command {type(sub).__name__}")
+            if ctx is not None:
+                perform.check_committable(ctx)
+        except ValidationError as exc:
+            if conflicts:
+                break
+            where = f"commands[{i}].{exc.field}" if exc.field else f"commands[{i}]"
+            raise ValidationError(where, exc.reason) from None
+        if ctx is None:
+            continue
+        stored = ctx.current.copy()
+        stored.committed_at = committed_at
+        ok = yield "commit_state", (stored, ctx.committed.rev)
+        if not ok:
+            conflicts.append(stored.id)
+            continue
+        ctx.current = stored.copy()
+        ctx.committed = stored.copy()
+        ctx.transitions = []
+        outcome.max_rev = max(outcome.max_rev, stored.rev)
+    if conflicts:
+        raise RevMismatchError(conflicts)
+    outcome.pairs = list(work.values())
+    return outcome
+
+
+def run_commit(gen: Generator[TxOp, Any, CommitOutcome], tx: CommitTx) -> CommitOutcome:
+    """Drive :func:`process_commit` against a synchronous transaction."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = gen.send(result) if error is None else gen.throw(error)
+        except StopIteration as stop:
+            outcome: CommitOutcome = stop.value
+            return outcome
+        name, args = op
+        try:
+            result = getattr(tx, name)(*args)
+            error = None
+        except Exception as exc:
+            result, error = None, exc
+
+
+def load_into(ctx: StateCtx, state: State) -> None:
+    """Fill ``ctx`` from a stored version: current = committed = it, no transitions."""
+    ctx.current = state.copy()
+    ctx.committed = state.copy() if state.rev > 0 else State()
+    ctx.transitions = []
+
+
+def label_match(labels: Mapping[str, str], sets: list[dict[str, str]]) -> bool:
+    """Whether ``labels`` contain every pair of at least one set (no sets: match anything)."""
+    if not sets:
+        return True
+    for want in sets:
+        for key, value in want.items():
+            if labels.get(key) != value:
+                break
+        else:
+            return True
+    return False
+
+
+class Notifier:
+    """Wakes watchers when the store's head rev moves. One per driver, used on its event loop."""
+
+    def __init__(self) -> None:
+        self.head = 0
+        self._event = asyncio.Event()
+
+    def notify(self, rev: int) -> None:
+        if rev <= self.head:
+            return
+        self.head = rev
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def wake(self) -> None:
+        """Wake every waiter without moving the head (used on close and shutdown)."""
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, after_rev: int, timeout: float | None) -> None:
+        """Return once the head is past ``after_rev``, or after ``timeout`` seconds."""
+        if self.head > after_rev:
+            return
+        event = self._event
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+
+class Driver(abc.ABC):
+    """A store of state versions, data and delayed states.
+
+    Drivers may be shared by several engines of one event loop: :meth:`open` and :meth:`close`
+    are reference counted. Query methods receive validated, normalised commands.
+    """
+
+    #: How often a waiting watcher re-checks the store for commits made by other processes
+    #: (None: only this process commits, notifications are enough).
+    poll_interval: float | None = None
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self.notifier = Notifier()
+        self._opened = 0
+
+    async def open(self) -> None:
+        if self._opened == 0:
+            await self._open()
+        self._opened += 1
+
+    async def close(self) -> None:
+        if self._opened == 0:
+            return
+        self._opened -= 1
+        if self._opened == 0:
+            await self._close()
+
+    async def _open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and create the schema."""
+
+    async def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
+
+    @abc.abstractmethod
+    async def commit(self, cmd: CommitCmd) -> None:
+        """Atomically persist ``cmd`` (see :func:`process_commit`), then apply it to the ctxs."""
+
+    @abc.abstractmethod
+    async def get_state(self, state_id: str, rev: int) -> State:
+        """Version ``rev`` of ``state_id`` (0 = latest). NotFoundError when there is none."""
+
+    @abc.abstractmethod
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        """The highest-rev version whose labels contain ``labels``. NotFoundError if none."""
+
+    @abc.abstractmethod
+    async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        """Matching versions in rev order (behaviour.md §2.7); never hides a lower rev later."""
+
+    @abc.abstractmethod
+    async def delay(self, delayed: DelayedState) -> int:
+        """Append a delayed state; returns its offset."""
+
+    @abc.abstractmethod
+    async def get_delayed_states(
+        self, since: datetime | None, until: datetime, offset: int, limit: int
+    ) -> GetDelayedStatesResult:
+        """Delayed states with since < execute_at <= until and offset > ``offset``, by offset."""
+
+    @abc.abstractmethod
+    async def store_data(self, data: Data) -> None:
+        """Store ``data`` and set ``data.rev`` to the next data rev."""
+
+    @abc.abstractmethod
+    async def get_data(self, data: Data) -> None:
+        """Load blob and annotations of ``data.rev`` into ``data``. DataNotFoundError if none."""
+
+    async def head_rev(self) -> int:
+        """The highest committed rev visible to readers."""
+        return self.notifier.head
+
+    async def wait_for_commit(self, after_rev: int, timeout: float) -> None:
+        """Return soon after the store's head passes ``after_rev`` (or after ``timeout``)."""
+        await self.notifier.wait(after_rev, timeout)
+
+
+def commands_of(cmd: Command) -> list[Command]:
+    """The sub-commands of a commit, or the command itself."""
+    return cmd.commands if isinstance(cmd, CommitCmd) else [cmd]

@@ -1,0 +1,192 @@
+"""MemoryDriver: everything in process memory. For tests, demos and benchmarks of the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from flowstate.clock import Clock, to_millis, to_seconds
+from flowstate.commands import (
+    CommitCmd,
+    DelayedState,
+    GetDelayedStatesResult,
+    GetStatesCmd,
+    GetStatesResult,
+)
+from flowstate.data import Data
+from flowstate.drivers.base import Driver, label_match, process_commit, run_commit
+from flowstate.errors import DataNotFoundError, NotFoundError
+from flowstate.state import State
+
+
+class MemoryDriver(Driver):
+    """An in-memory store. Commits are atomic and run without awaiting, so they never interleave.
+
+    Nothing survives the process; use :class:`~flowstate.SqliteDriver` for durability.
+    """
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self._log: list[State] = []  # _log[i].rev == i + 1
+        self._latest: dict[str, State] = {}
+        self._datas: list[tuple[dict[str, str], bytes]] = []  # _datas[i] has rev i + 1
+        self._delayed: list[DelayedState] = []  # by offset; _delayed[i].offset == i + 1
+
+    async def commit(self, cmd: CommitCmd) -> None:
+        tx = _MemoryTx(self)
+        outcome = run_commit(process_commit(cmd, self.clock.now()), tx)
+        tx.apply()
+        outcome.apply()
+        if outcome.max_rev:
+            self.notifier.notify(outcome.max_rev)
+
+    async def get_state(self, state_id: str, rev: int) -> State:
+        return self._get_state(state_id, rev).copy()
+
+    def _get_state(self, state_id: str, rev: int) -> State:
+        if rev == 0:
+            found = self._latest.get(state_id)
+        else:
+            found = self._log[rev - 1] if 0 < rev <= len(self._log) else None
+            if found is not None and found.id != state_id:
+                found = None
+        if found is None:
+            raise NotFoundError(f"id={state_id} rev={rev}")
+        return found
+
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        return self._get_state_by_labels(labels).copy()
+
+    def _get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        sets = [dict(labels)] if labels else []
+        for state in reversed(self._log):
+            if label_match(state.labels, sets):
+                return state
+        raise NotFoundError(f"labels={dict(labels)}")
+
+    async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        log, sets = self._log, cmd.labels
+        since_ms = to_millis(cmd.since_time) if cmd.since_time is not None else None
+
+        def visible(s: State) -> bool:
+            if since_ms is not None and to_millis(s.committed_at or _EPOCH) < since_ms:
+                return False
+            return label_match(s.labels, sets)
+
+        start = cmd.since_rev
+        if start < 0:
+            anchor = next((s for s in reversed(log) if visible(s)), None)
+            start = anchor.rev - 1 if anchor is not None else len(log)
+        out: list[State] = []
+        more = False
+        latest_only, latest = cmd.latest_only, self._latest
+        for i in range(start, len(log)):
+            s = log[i]
+            if visible(s) and (not latest_only or latest[s.id] is s):
+                if len(out) == cmd.limit:
+                    more = True
+                    break
+                out.append(s.copy())
+        return GetStatesResult(out, more)
+
+    async def delay(self, delayed: DelayedState) -> int:
+        return _MemoryTx(self).delay(delayed, apply=True)
+
+    async def get_delayed_states(
+        self, since: datetime | None, until: datetime, offset: int, limit: int
+    ) -> GetDelayedStatesResult:
+        lo = to_seconds(since) if since is not None else None
+        hi = to_seconds(until)
+        out: list[DelayedState] = []
+        more = False
+        for d in self._delayed[offset:]:
+            at = to_seconds(d.execute_at)
+            if at > hi or (lo is not None and at <= lo):
+                continue
+            if len(out) == limit:
+                more = True
+                break
+            out.append(DelayedState(d.state.copy(), d.execute_at, d.offset))
+        return GetDelayedStatesResult(out, more)
+
+    async def store_data(self, data: Data) -> None:
+        self._datas.append((dict(data.annotations), bytes(data.blob)))
+        data.rev = len(self._datas)
+
+    async def get_data(self, data: Data) -> None:
+        _load_data(self._datas, data)
+
+
+def _load_data(datas: list[tuple[dict[str, str], bytes]], data: Data) -> None:
+    if not 0 < data.rev <= len(datas):
+        raise DataNotFoundError(data.rev)
+    annotations, blob = datas[data.rev - 1]
+    data.annotations = dict(annotations)
+    data.blob = blob
+
+
+class _MemoryTx:
+    """Buffers one commit's writes; :meth:`apply` publishes them all at once."""
+
+    def __init__(self, driver: MemoryDriver) -> None:
+        self.d = driver
+        self.states: list[State] = []
+        self.latest: dict[str, int] = {}
+        self.datas: list[tuple[dict[str, str], bytes]] = []
+        self.delayed: list[DelayedState] = []
+
+    def commit_state(self, state: State, expected_rev: int) -> bool:
+        current = self.latest.get(state.id)
+        if current is None:
+            stored = self.d._latest.get(state.id)
+            current = stored.rev if stored is not None else 0
+        if current != expected_rev:
+            return False
+        state.rev = len(self.d._log) + len(self.states) + 1
+        self.states.append(state)
+        self.latest[state.id] = state.rev
+        return True
+
+    def get_state(self, state_id: str, rev: int) -> State:
+        for s in reversed(self.states):
+            if s.id == state_id and (rev == 0 or s.rev == rev):
+                return s.copy()
+        return self.d._get_state(state_id, rev).copy()
+
+    def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        sets = [dict(labels)] if labels else []
+        for s in reversed(self.states):
+            if label_match(s.labels, sets):
+                return s.copy()
+        return self.d._get_state_by_labels(labels).copy()
+
+    def store_data(self, data: Data) -> None:
+        self.datas.append((dict(data.annotations), bytes(data.blob)))
+        data.rev = len(self.d._datas) + len(self.datas)
+
+    def get_data(self, data: Data) -> None:
+        n = len(self.d._datas)
+        if data.rev > n and data.rev - n <= len(self.datas):
+            annotations, blob = self.datas[data.rev - n - 1]
+            data.annotations, data.blob = dict(annotations), blob
+            return
+        _load_data(self.d._datas, data)
+
+    def delay(self, delayed: DelayedState, apply: bool = False) -> int:
+        stored = DelayedState(delayed.state.copy(), delayed.execute_at, 0)
+        stored.offset = len(self.d._delayed) + len(self.delayed) + 1
+        self.delayed.append(stored)
+        if apply:
+            self.apply()
+        return stored.offset
+
+    def apply(self) -> None:
+        d = self.d
+        for s in self.states:
+            d._log.append(s)
+            d._latest[s.id] = s
+        d._datas.extend(self.datas)
+        d._delayed.extend(self.delayed)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
