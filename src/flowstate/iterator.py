@@ -59,7 +59,7 @@ class StateIterator:
     async def _fetch(self) -> None:
         """Query the next page; cancel-safe (state changes only after the query returned)."""
         cmd = self.cmd
-        self._seen = self._driver.notifier.head
+        self._seen = self._driver.notifier.version
         head = await self._driver.head_rev() if cmd.since_rev < 0 else 0
         result = await self._driver.get_states(cmd)
         if not result.states and cmd.since_rev < 0:

@@ -218,27 +218,32 @@ def label_match(labels: Mapping[str, str], sets: list[dict[str, str]]) -> bool:
 
 
 class Notifier:
-    """Wakes watchers when the store's head rev moves. One per driver, used on its event loop."""
+    """Wakes watchers when the store may have changed. One per driver, used on its event loop.
+
+    ``version`` counts notifications: a reader records it before querying and then waits for
+    it to move, so a commit that lands between the query and the wait is never missed.
+    ``head`` is the highest rev announced so far.
+    """
 
     def __init__(self) -> None:
         self.head = 0
+        self.version = 0
         self._event = asyncio.Event()
 
-    def notify(self, rev: int) -> None:
-        if rev <= self.head:
-            return
-        self.head = rev
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+    def notify(self, rev: int = 0) -> None:
+        """Announce a commit (``rev`` 0: something changed, rev unknown)."""
+        self.head = max(self.head, rev)
+        self.wake()
 
     def wake(self) -> None:
-        """Wake every waiter without moving the head (used on close and shutdown)."""
+        """Wake every waiter (also used on close and shutdown)."""
+        self.version += 1
         event, self._event = self._event, asyncio.Event()
         event.set()
 
-    async def wait(self, after_rev: int, timeout: float | None) -> None:
-        """Return once the head is past ``after_rev``, or after ``timeout`` seconds."""
-        if self.head > after_rev:
+    async def wait(self, version: int, timeout: float | None) -> None:
+        """Return once ``version`` is outdated, or after ``timeout`` seconds."""
+        if self.version != version:
             return
         event = self._event
         with contextlib.suppress(TimeoutError):
@@ -317,9 +322,9 @@ class Driver(abc.ABC):
         """The highest committed rev visible to readers."""
         return self.notifier.head
 
-    async def wait_for_commit(self, after_rev: int, timeout: float) -> None:
-        """Return soon after the store's head passes ``after_rev`` (or after ``timeout``)."""
-        await self.notifier.wait(after_rev, timeout)
+    async def wait_for_commit(self, version: int, timeout: float) -> None:
+        """Return soon after a commit following notifier ``version`` (or after ``timeout``)."""
+        await self.notifier.wait(version, timeout)
 
 
 def commands_of(cmd: Command) -> list[Command]:

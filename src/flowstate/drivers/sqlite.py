@@ -360,14 +360,14 @@ class SqliteDriver(Driver):
         rev: int = await self._read(_max_rev)
         return rev
 
-    async def wait_for_commit(self, after_rev: int, timeout: float) -> None:
-        if self.notifier.head > after_rev:
+    async def wait_for_commit(self, version: int, timeout: float) -> None:
+        if self.notifier.version != version:
             return
         self._waiters += 1
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         try:
-            await self.notifier.wait(after_rev, timeout)
+            await self.notifier.wait(version, timeout)
         finally:
             self._waiters -= 1
 
@@ -377,7 +377,9 @@ class SqliteDriver(Driver):
         while self._waiters > 0 and self._pool is not None:
             await asyncio.sleep(interval)
             try:
-                self.notifier.notify(await self.head_rev())
+                head = await self.head_rev()
+                if head > self.notifier.head:
+                    self.notifier.notify(head)
             except Exception:  # the watchers' own queries report persistent errors
                 await asyncio.sleep(interval * 10)
 
