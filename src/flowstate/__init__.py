@@ -45,15 +45,18 @@ from flowstate.commands import (
 from flowstate.data import Data
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
+from flowstate.drivers.postgres import PostgresDriver
 from flowstate.drivers.sqlite import SqliteDriver
 from flowstate.engine import Engine
 from flowstate.errors import (
+    CommitUnknownError,
     DataNotFoundError,
     EngineStoppedError,
     FlowNotFoundError,
     FlowstateError,
     NotFoundError,
     RevMismatchError,
+    StoreUnavailableError,
     ValidationError,
 )
 from flowstate.flow import Flow, FlowRegistry
@@ -65,6 +68,7 @@ __all__ = [
     "Clock",
     "Command",
     "CommitCmd",
+    "CommitUnknownError",
     "Data",
     "DataNotFoundError",
     "DelayCmd",
@@ -89,6 +93,7 @@ __all__ = [
     "NoopCmd",
     "NotFoundError",
     "ParkCmd",
+    "PostgresDriver",
     "RevMismatchError",
     "SqliteDriver",
     "StackCmd",
@@ -96,6 +101,7 @@ __all__ = [
     "StateCtx",
     "StateIterator",
     "StoreDataCmd",
+    "StoreUnavailableError",
     "SystemClock",
     "TransitCmd",
     "Transition",

@@ -49,6 +49,15 @@ class DataNotFoundError(FlowstateError, LookupError):
         self.rev = rev
 
 
+class CommitUnknownError(FlowstateError):
+    """The connection to the store broke while a commit was finishing: it may or may not have
+    been stored. Reload the states to find out; never assume either outcome."""
+
+
+class StoreUnavailableError(FlowstateError):
+    """The store could not be reached. Nothing was changed by the failed call."""
+
+
 class FlowNotFoundError(FlowstateError, LookupError):
     """The flow registry has no flow with this id."""
 

@@ -7,8 +7,9 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from flowstate import perform
+from flowstate.clock import monotonic
 from flowstate.commands import GetStatesCmd
-from flowstate.errors import FlowstateError
+from flowstate.errors import FlowstateError, StoreUnavailableError
 from flowstate.state import State
 
 if TYPE_CHECKING:
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 
 #: A waiting watcher re-queries at least this often even without a wake-up (a safety net).
 WATCH_REFRESH = 5.0
-_RETRIES = 6
+#: How long a watcher keeps retrying a failing store before raising the error to its consumer.
+WATCH_RETRY_FOR = 30.0
 
 
 class StateIterator:
@@ -80,6 +82,7 @@ class Watcher(StateIterator):
         super().__init__(driver, cmd)
         self._stop = stop
         self._closed = False
+        self.retry_for = WATCH_RETRY_FOR
 
     @property
     def closed(self) -> bool:
@@ -87,6 +90,7 @@ class Watcher(StateIterator):
 
     async def __anext__(self) -> State:
         failures = 0
+        failing_since = 0.0
         while not self._buf:
             if self.closed:
                 raise StopAsyncIteration
@@ -97,11 +101,13 @@ class Watcher(StateIterator):
             try:
                 await self._fetch()
                 failures = 0
-            except FlowstateError:
-                raise
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, FlowstateError) and not isinstance(exc, StoreUnavailableError):
+                    raise
                 failures += 1
-                if failures >= _RETRIES:
+                if failures == 1:
+                    failing_since = monotonic()
+                elif monotonic() - failing_since > self.retry_for:
                     raise
                 await asyncio.sleep(min(0.05 * 2**failures, 1.0))
         return self._next()

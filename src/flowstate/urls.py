@@ -9,7 +9,7 @@ from flowstate.errors import ValidationError
 
 
 def open_driver(url: str) -> Driver:
-    """A driver for ``memory://`` or ``sqlite:///path/to/file.db``."""
+    """A driver for ``memory://``, ``sqlite:///path/to/file.db`` or ``postgresql://...``."""
     parsed = urlparse(url)
     if parsed.scheme == "memory":
         from flowstate.drivers.memory import MemoryDriver
@@ -22,4 +22,10 @@ def open_driver(url: str) -> Driver:
         if parsed.netloc:
             path = parsed.netloc + path
         return SqliteDriver(path)
-    raise ValidationError("url", f"unsupported store url {url!r} (use memory:// or sqlite:///path)")
+    if parsed.scheme in ("postgres", "postgresql"):
+        from flowstate.drivers.postgres import PostgresDriver
+
+        return PostgresDriver(url)
+    raise ValidationError(
+        "url", f"unsupported store url {url!r} (memory://, sqlite:///path, postgresql://...)"
+    )

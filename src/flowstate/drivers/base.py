@@ -64,6 +64,22 @@ class CommitTx(Protocol):
     def delay(self, delayed: DelayedState) -> int: ...
 
 
+class AsyncCommitTx(Protocol):
+    """:class:`CommitTx` with coroutine methods, for drivers whose client is asynchronous."""
+
+    async def commit_state(self, state: State, expected_rev: int) -> bool: ...
+
+    async def get_state(self, state_id: str, rev: int) -> State: ...
+
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State: ...
+
+    async def store_data(self, data: Data) -> None: ...
+
+    async def get_data(self, data: Data) -> None: ...
+
+    async def delay(self, delayed: DelayedState) -> int: ...
+
+
 # One storage request of a commit: the CommitTx method name and its arguments.
 TxOp = tuple[str, tuple[Any, ...]]
 
@@ -195,6 +211,31 @@ def run_commit(gen: Generator[TxOp, Any, CommitOutcome], tx: CommitTx) -> Commit
             error = None
         except Exception as exc:
             result, error = None, exc
+
+
+async def run_commit_async(
+    gen: Generator[TxOp, Any, CommitOutcome], tx: AsyncCommitTx
+) -> CommitOutcome:
+    """Drive :func:`process_commit` against an asynchronous transaction."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = gen.send(result) if error is None else gen.throw(error)
+        except StopIteration as stop:
+            outcome: CommitOutcome = stop.value
+            return outcome
+        name, args = op
+        try:
+            result = await getattr(tx, name)(*args)
+            error = None
+        except Exception as exc:
+            result, error = None, exc
+
+
+def committable_count(cmd: CommitCmd) -> int:
+    """How many versions a commit may store (its transit and park sub-commands)."""
+    return sum(1 for c in cmd.commands if isinstance(c, TransitCmd | ParkCmd))
 
 
 def load_into(ctx: StateCtx, state: State) -> None:

@@ -1,0 +1,512 @@
+"""PostgresDriver: one store shared by many engine processes on many machines.
+
+Commits run in a transaction on a pooled asyncpg connection. The rev check is done by the
+database (``flowstate_commit`` locks the latest row of every state it writes), so it holds
+across processes. Revs are allocated in blocks by ``flowstate_alloc_revs``, which assigns the
+transaction id under an advisory lock: rev order equals transaction-id order, and readers show
+only rows written by transactions older than every transaction still running (the xmin of
+their snapshot). A reader therefore never delivers rev N and later discovers a lower rev.
+
+Watchers are woken by LISTEN/NOTIFY; while someone waits, the head is also polled every
+``poll_interval`` seconds, so a lost notification (a dropped listener connection) delays a
+delivery but never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import xxhash
+
+from flowstate.clock import Clock, from_millis, from_seconds, to_millis, to_seconds
+from flowstate.commands import (
+    CommitCmd,
+    DelayedState,
+    GetDelayedStatesResult,
+    GetStatesCmd,
+    GetStatesResult,
+)
+from flowstate.data import Data
+from flowstate.drivers.base import (
+    CommitOutcome,
+    Driver,
+    committable_count,
+    label_match,
+    process_commit,
+    run_commit_async,
+)
+from flowstate.errors import (
+    CommitUnknownError,
+    DataNotFoundError,
+    FlowstateError,
+    NotFoundError,
+    RevMismatchError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from flowstate.state import State, Transition
+
+T = TypeVar("T")
+
+_COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
+_HORIZON = "(SELECT pg_snapshot_xmin(pg_current_snapshot()))"
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def _dumps(values: Mapping[str, str]) -> str:
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":")) if values else "{}"
+
+
+def _row_state(row: Any) -> State:
+    rev, sid, at, ann, labels, to, tann = row
+    transition = Transition(to, json.loads(tann))
+    return State(sid, rev, json.loads(ann), json.loads(labels), from_millis(at), transition)
+
+
+def _state_json(state: State) -> str:
+    return json.dumps(
+        {
+            "id": state.id,
+            "rev": state.rev,
+            "annotations": state.annotations,
+            "labels": state.labels,
+            "committed_at": to_millis(state.committed_at) if state.committed_at else None,
+            "to": state.transition.to,
+            "transition_annotations": state.transition.annotations,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _json_state(text: str) -> State:
+    d = json.loads(text)
+    at = d["committed_at"]
+    return State(
+        d["id"],
+        d["rev"],
+        d["annotations"],
+        d["labels"],
+        from_millis(at) if at is not None else None,
+        Transition(d["to"], d["transition_annotations"]),
+    )
+
+
+def split_dsn(dsn: str) -> tuple[str, str | None]:
+    """Remove flowstate's own ``schema`` query parameter from a DSN; return (dsn, schema)."""
+    parts = urlsplit(dsn)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The schema migrations shipped with flowstate: (version, name, sql), in order."""
+    folder = resources.files("flowstate.drivers") / "sql" / "postgres"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+class PostgresDriver(Driver):
+    """A store in PostgreSQL, shared by any number of processes.
+
+    ``dsn`` is a libpq URL (``postgresql://user@host:5432/db``); ``?schema=name`` (or the
+    ``schema`` argument) keeps the tables in that schema, created if missing. Migrations are
+    applied on open, under an advisory lock, so concurrent starts are safe.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        poll_interval: float = 1.0,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(clock)
+        self.dsn, dsn_schema = split_dsn(dsn)
+        self.schema = schema or dsn_schema or "public"
+        if not self.schema.replace("_", "").isalnum():
+            raise ValidationError("schema", f"schema name must be alphanumeric: {self.schema!r}")
+        self.channel = f"flowstate_{self.schema}"
+        self.poll_interval: float = poll_interval
+        self._min_size, self._max_size = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._waiters = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # lifecycle
+
+    async def _open(self) -> None:
+        self._closing = False
+        settings = {"search_path": f'"{self.schema}"', "application_name": "flowstate"}
+        conn = await asyncpg.connect(self.dsn, server_settings=settings)
+        try:
+            await self._migrate(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            server_settings=settings,
+        )
+        self.notifier.head = await self.head_rev()
+        self._listen_task = asyncio.create_task(self._listen_forever())
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        key = xxhash.xxh64_intdigest(b"flowstate-migrate:" + self.schema.encode()) >> 1
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS flowstate_migrations (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {r[0] for r in await conn.fetch("SELECT version FROM flowstate_migrations")}
+            for version, name, sql in migrations():
+                if version not in applied:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO flowstate_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+
+    async def _close(self) -> None:
+        self._closing = True
+        for task in (self._listen_task, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._listen_task = self._poller = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=2)
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # notifications
+
+    async def _listen_forever(self) -> None:
+        """Keep one LISTEN connection; reconnect with backoff when it drops."""
+        delay = 0.1
+        while not self._closing:
+            try:
+                conn = await asyncpg.connect(self.dsn)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self.channel, self._on_notify)
+                self._listener = conn
+                delay = 0.1
+                self.notifier.wake()  # anything committed while we were away
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                self._listener = None
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            self.notifier.notify(int(payload))
+        except ValueError:
+            self.notifier.wake()
+
+    async def wait_for_commit(self, version: int, timeout: float) -> None:
+        if self.notifier.version != version:
+            return
+        self._waiters += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            await self.notifier.wait(version, timeout)
+        finally:
+            self._waiters -= 1
+
+    async def _poll(self) -> None:
+        seen = self.notifier.head
+        while self._waiters > 0 and not self._closing:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                head = await self.head_rev()
+            except Exception:  # the watchers' own queries report persistent errors
+                continue
+            if head != seen:
+                seen = head
+                self.notifier.notify(head)
+
+    # plumbing
+
+    def _need_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise FlowstateError("PostgresDriver is not open")
+        return self._pool
+
+    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run a read, retrying on a broken connection (reads are idempotent)."""
+        pool = self._need_pool()
+        for attempt in range(3):
+            try:
+                async with pool.acquire() as conn:
+                    return await fn(conn)
+            except _CONNECTION_ERRORS as exc:
+                if attempt == 2:
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                await asyncio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` in a transaction. A broken connection while committing is reported
+        as CommitUnknownError; before that, as StoreUnavailableError (nothing stored)."""
+        pool = self._need_pool()
+        try:
+            conn = await pool.acquire()
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+        try:
+            tx = conn.transaction()
+            try:
+                await tx.start()
+                result = await fn(conn)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
+                if isinstance(exc, _CONNECTION_ERRORS):
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                raise
+            try:
+                await tx.commit()
+            except _CONNECTION_ERRORS as exc:
+                raise CommitUnknownError(
+                    f"connection lost while committing; the commit may or may not be stored: {exc}"
+                ) from exc
+            return result
+        finally:
+            await pool.release(conn)
+
+    # the driver API
+
+    async def commit(self, cmd: CommitCmd) -> None:
+        now = self.clock.now()
+        n = committable_count(cmd)
+
+        async def run(conn: asyncpg.Connection) -> CommitOutcome:
+            first = await conn.fetchval("SELECT flowstate_alloc_revs($1)", n) if n else 0
+            tx = _PgTx(conn, first)
+            outcome = await run_commit_async(process_commit(cmd, now), tx)
+            await tx.flush(self.channel)
+            return outcome
+
+        outcome = await self._write(run)
+        outcome.apply()
+        if outcome.max_rev:
+            self.notifier.notify(outcome.max_rev)
+
+    async def get_state(self, state_id: str, rev: int) -> State:
+        return await self._read(lambda conn: _get_state(conn, state_id, rev))
+
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        return await self._read(lambda conn: _get_state_by_labels(conn, labels))
+
+    async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        return await self._read(lambda conn: _get_states(conn, cmd))
+
+    async def delay(self, delayed: DelayedState) -> int:
+        return await self._write(lambda conn: _insert_delayed(conn, delayed))
+
+    async def get_delayed_states(
+        self, since: datetime | None, until: datetime, offset: int, limit: int
+    ) -> GetDelayedStatesResult:
+        async def run(conn: asyncpg.Connection) -> GetDelayedStatesResult:
+            sql = 'SELECT "offset", execute_at, state FROM flowstate_delayed WHERE "offset" > $1 '
+            sql += "AND execute_at <= $2 "
+            args: list[Any] = [offset, to_seconds(until)]
+            if since is not None:
+                sql += "AND execute_at > $3 "
+                args.append(to_seconds(since))
+            sql += f'ORDER BY "offset" LIMIT {int(limit) + 1}'
+            rows = await conn.fetch(sql, *args)
+            items = [DelayedState(_json_state(r[2]), from_seconds(r[1]), r[0]) for r in rows]
+            return GetDelayedStatesResult(items[:limit], len(items) > limit)
+
+        return await self._read(run)
+
+    async def store_data(self, data: Data) -> None:
+        await self._write(lambda conn: _store_data(conn, data))
+
+    async def get_data(self, data: Data) -> None:
+        await self._read(lambda conn: _get_data(conn, data))
+
+    async def head_rev(self) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            sql = f"SELECT max(rev) FROM flowstate_states WHERE xid < {_HORIZON}"
+            return int(await conn.fetchval(sql) or 0)
+
+        return await self._read(run)
+
+
+async def _get_state(conn: asyncpg.Connection, state_id: str, rev: int) -> State:
+    if rev == 0:
+        sql = f"SELECT {_COLUMNS} FROM flowstate_states WHERE id = $1 ORDER BY rev DESC LIMIT 1"
+        row = await conn.fetchrow(sql, state_id)
+    else:
+        sql = f"SELECT {_COLUMNS} FROM flowstate_states WHERE rev = $2 AND id = $1"
+        row = await conn.fetchrow(sql, state_id, rev)
+    if row is None:
+        raise NotFoundError(f"id={state_id} rev={rev}")
+    return _row_state(row)
+
+
+async def _get_state_by_labels(conn: asyncpg.Connection, labels: Mapping[str, str]) -> State:
+    sql = f"SELECT {_COLUMNS} FROM flowstate_states WHERE labels @> $1::jsonb "
+    sql += "ORDER BY rev DESC LIMIT 1"
+    row = await conn.fetchrow(sql, _dumps(labels))
+    if row is None:
+        raise NotFoundError(f"labels={dict(labels)}")
+    return _row_state(row)
+
+
+def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
+    """SQL conditions on ``s`` for the label, time and visibility filters; appends args."""
+    where = [f"s.xid < {_HORIZON}"]
+    if cmd.labels and all(cmd.labels):
+        ors = []
+        for labels in cmd.labels:
+            args.append(_dumps(labels))
+            ors.append(f"s.labels @> ${len(args)}::jsonb")
+        where.append("(" + " OR ".join(ors) + ")")
+    if cmd.since_time is not None:
+        args.append(to_millis(cmd.since_time))
+        where.append(f"s.committed_at >= ${len(args)}")
+    return " AND ".join(where)
+
+
+async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesResult:
+    args: list[Any] = []
+    where = _filters(cmd, args)
+    if cmd.since_rev < 0:
+        since = f"s.rev >= (SELECT max(s.rev) FROM flowstate_states s WHERE {where})"
+    else:
+        args.append(cmd.since_rev)
+        since = f"s.rev > ${len(args)}"
+    latest = ""
+    if cmd.latest_only:
+        latest = " AND s.rev = (SELECT l.rev FROM flowstate_latest l WHERE l.id = s.id)"
+    sql = (
+        f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {since} AND {where}{latest} "
+        f"ORDER BY s.rev LIMIT {int(cmd.limit) + 1}"
+    )
+    rows = await conn.fetch(sql, *args)
+    states = [_row_state(r) for r in rows[: cmd.limit]]
+    return GetStatesResult(states, len(rows) > cmd.limit)
+
+
+async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState) -> int:
+    sql = "INSERT INTO flowstate_delayed (execute_at, state) VALUES ($1, $2::jsonb) "
+    sql += 'RETURNING "offset"'
+    offset = await conn.fetchval(sql, to_seconds(delayed.execute_at), _state_json(delayed.state))
+    return int(offset)
+
+
+async def _store_data(conn: asyncpg.Connection, data: Data) -> None:
+    sql = "INSERT INTO flowstate_data (annotations, blob) VALUES ($1::jsonb, $2) RETURNING rev"
+    data.rev = int(await conn.fetchval(sql, _dumps(data.annotations), bytes(data.blob)))
+
+
+async def _get_data(conn: asyncpg.Connection, data: Data) -> None:
+    row = await conn.fetchrow(
+        "SELECT annotations, blob FROM flowstate_data WHERE rev = $1", data.rev
+    )
+    if row is None:
+        raise DataNotFoundError(data.rev)
+    data.annotations = json.loads(row[0])
+    data.blob = bytes(row[1])
+
+
+class _PgTx:
+    """The AsyncCommitTx of one commit. Versions are staged and written (with the rev check)
+    by one ``flowstate_commit`` call at the end; other operations run in the transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, first_rev: int) -> None:
+        self.conn = conn
+        self.next_rev = first_rev
+        self.staged: list[tuple[State, int]] = []
+
+    async def commit_state(self, state: State, expected_rev: int) -> bool:
+        state.rev = self.next_rev
+        self.next_rev += 1
+        self.staged.append((state, expected_rev))
+        return True
+
+    async def get_state(self, state_id: str, rev: int) -> State:
+        for s, _ in reversed(self.staged):
+            if s.id == state_id and (rev == 0 or s.rev == rev):
+                return s.copy()
+        return await _get_state(self.conn, state_id, rev)
+
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        for s, _ in reversed(self.staged):
+            if label_match(s.labels, [dict(labels)] if labels else []):
+                return s.copy()
+        return await _get_state_by_labels(self.conn, labels)
+
+    async def store_data(self, data: Data) -> None:
+        await _store_data(self.conn, data)
+
+    async def get_data(self, data: Data) -> None:
+        await _get_data(self.conn, data)
+
+    async def delay(self, delayed: DelayedState) -> int:
+        return await _insert_delayed(self.conn, delayed)
+
+    async def flush(self, channel: str) -> None:
+        if not self.staged:
+            return
+        states = [s for s, _ in self.staged]
+        conflicts = await self.conn.fetchval(
+            "SELECT flowstate_commit($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            [s.id for s in states],
+            [e for _, e in self.staged],
+            [s.rev for s in states],
+            [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
+            [_dumps(s.annotations) for s in states],
+            [_dumps(s.labels) for s in states],
+            [s.transition.to for s in states],
+            [_dumps(s.transition.annotations) for s in states],
+            channel,
+        )
+        if conflicts:
+            raise RevMismatchError(conflicts)
