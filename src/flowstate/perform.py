@@ -73,7 +73,12 @@ def unstack(cmd: UnstackCmd) -> None:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValidationError("annotation", f"stack annotation {name!r} is not base64") from exc
-    decoded = decode_state_ctx(raw)
+    try:
+        decoded = decode_state_ctx(raw)
+    except ValidationError as exc:
+        raise ValidationError(
+            "annotation", f"stack annotation {name!r} is not a StateCtx: {exc}"
+        ) from None
     target = cmd.target
     target.current = decoded.current
     target.committed = decoded.committed

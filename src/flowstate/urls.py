@@ -9,7 +9,12 @@ from flowstate.errors import ValidationError
 
 
 def open_driver(url: str) -> Driver:
-    """A driver for ``memory://``, ``sqlite:///path/to/file.db`` or ``postgresql://...``."""
+    """A driver for a store URL.
+
+    ``memory://``; ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (three
+    slashes and a relative path, four for an absolute one, as in SQLAlchemy);
+    ``postgresql://user@host:5432/db?schema=name``.
+    """
     parsed = urlparse(url)
     if parsed.scheme == "memory":
         from flowstate.drivers.memory import MemoryDriver
@@ -18,9 +23,13 @@ def open_driver(url: str) -> Driver:
     if parsed.scheme == "sqlite":
         from flowstate.drivers.sqlite import SqliteDriver
 
-        path = parsed.path or "flowstate.db"
         if parsed.netloc:
-            path = parsed.netloc + path
+            raise ValidationError(
+                "url", f"{url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+        if not path:
+            raise ValidationError("url", f"{url!r}: the SQLite URL names no file")
         return SqliteDriver(path)
     if parsed.scheme in ("postgres", "postgresql"):
         from flowstate.drivers.postgres import PostgresDriver

@@ -165,7 +165,10 @@ def process_commit(cmd: CommitCmd, now: datetime) -> Generator[TxOp, Any, Commit
                 found = yield "get_state_by_labels", (sub.labels,)
                 load_into(w(sub.ctx), found)
             elif isinstance(sub, DelayCmd):
-                delayed = perform.prepare_delay(sub, now)
+                work_delay = DelayCmd(
+                    w(sub.ctx), sub.to, sub.execute_at, sub.after, sub.commit, sub.annotations
+                )
+                delayed = perform.prepare_delay(work_delay, now)
                 delayed.offset = yield "delay", (delayed,)
                 outcome.delays.append((sub, delayed))
             else:

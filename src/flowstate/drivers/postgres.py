@@ -67,6 +67,7 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InternalClientError,  # a protocol confused by a server-side drop
 )
 
 
@@ -107,6 +108,12 @@ def _json_state(text: str) -> State:
         from_millis(at) if at is not None else None,
         Transition(d["to"], d["transition_annotations"]),
     )
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a connection whose protocol state is unknown, so the pool replaces it."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
 
 
 def split_dsn(dsn: str) -> tuple[str, str | None]:
@@ -166,7 +173,7 @@ class PostgresDriver(Driver):
 
     async def _open(self) -> None:
         self._closing = False
-        settings = {"search_path": f'"{self.schema}"', "application_name": "flowstate"}
+        settings = self._settings()
         conn = await asyncpg.connect(self.dsn, server_settings=settings)
         try:
             await self._migrate(conn)
@@ -181,7 +188,20 @@ class PostgresDriver(Driver):
         self.notifier.head = await self.head_rev()
         self._listen_task = asyncio.create_task(self._listen_forever())
 
+    def _settings(self) -> dict[str, str]:
+        return {"search_path": f'"{self.schema}"', "application_name": f"flowstate:{self.schema}"}
+
     async def _migrate(self, conn: asyncpg.Connection) -> None:
+        """Apply missing migrations under an advisory lock. A schema that is already current
+        is only read, so a role without DDL rights can start against it."""
+        shipped = {version for version, _, _ in migrations()}
+        table = await conn.fetchval(
+            "SELECT to_regclass(quote_ident($1) || '.flowstate_migrations')", self.schema
+        )
+        if table is not None:
+            done = {r[0] for r in await conn.fetch("SELECT version FROM flowstate_migrations")}
+            if shipped <= done:
+                return
         key = xxhash.xxh64_intdigest(b"flowstate-migrate:" + self.schema.encode()) >> 1
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
@@ -213,7 +233,10 @@ class PostgresDriver(Driver):
                 await self._listener.close(timeout=2)
             self._listener = None
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), 5)
+            except (TimeoutError, *_CONNECTION_ERRORS):
+                self._pool.terminate()  # connections the server already dropped
             self._pool = None
 
     # notifications
@@ -223,7 +246,7 @@ class PostgresDriver(Driver):
         delay = 0.1
         while not self._closing:
             try:
-                conn = await asyncpg.connect(self.dsn)
+                conn = await asyncpg.connect(self.dsn, server_settings=self._settings())
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.channel, self._on_notify)
@@ -279,37 +302,58 @@ class PostgresDriver(Driver):
         """Run a read, retrying on a broken connection (reads are idempotent)."""
         pool = self._need_pool()
         for attempt in range(3):
+            conn = None
             try:
-                async with pool.acquire() as conn:
-                    return await fn(conn)
+                conn = await pool.acquire()
+                return await fn(conn)
             except _CONNECTION_ERRORS as exc:
+                if conn is not None:
+                    _discard(conn)  # never hand a broken connection back out
                 if attempt == 2:
                     raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
                 await asyncio.sleep(0.1 * 2**attempt)
+            finally:
+                if conn is not None:
+                    await pool.release(conn)
         raise AssertionError("unreachable")
 
     async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in a transaction. A broken connection while committing is reported
         as CommitUnknownError; before that, as StoreUnavailableError (nothing stored)."""
         pool = self._need_pool()
-        try:
-            conn = await pool.acquire()
-        except _CONNECTION_ERRORS as exc:
-            raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-        try:
-            tx = conn.transaction()
+        for attempt in range(3):
+            try:
+                conn = await pool.acquire()
+                tx = conn.transaction()
+            except _CONNECTION_ERRORS as exc:
+                if attempt == 2:
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
             try:
                 await tx.start()
+            except _CONNECTION_ERRORS as exc:
+                # nothing was sent but BEGIN: safe to retry on a fresh connection
+                _discard(conn)
+                await pool.release(conn)
+                if attempt == 2:
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                continue
+            break
+        try:
+            try:
                 result = await fn(conn)
             except BaseException as exc:
+                if isinstance(exc, _CONNECTION_ERRORS):
+                    _discard(conn)
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
                 with contextlib.suppress(Exception):
                     await tx.rollback()
-                if isinstance(exc, _CONNECTION_ERRORS):
-                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
                 raise
             try:
                 await tx.commit()
             except _CONNECTION_ERRORS as exc:
+                _discard(conn)
                 raise CommitUnknownError(
                     f"connection lost while committing; the commit may or may not be stored: {exc}"
                 ) from exc
@@ -414,7 +458,8 @@ def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
     return " AND ".join(where)
 
 
-async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesResult:
+def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
+    """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``)."""
     args: list[Any] = []
     where = _filters(cmd, args)
     if cmd.since_rev < 0:
@@ -429,6 +474,11 @@ async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesR
         f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {since} AND {where}{latest} "
         f"ORDER BY s.rev LIMIT {int(cmd.limit) + 1}"
     )
+    return sql, args
+
+
+async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesResult:
+    sql, args = states_query(cmd)
     rows = await conn.fetch(sql, *args)
     states = [_row_state(r) for r in rows[: cmd.limit]]
     return GetStatesResult(states, len(rows) > cmd.limit)

@@ -190,17 +190,21 @@ class SqliteDriver(Driver):
             self._poller.cancel()
             self._poller = None
         if self._pool is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+            await asyncio.get_running_loop().run_in_executor(None, self._shutdown_readers)
             self._pool = None
-        with self._conns_lock:
-            for conn in self._reader_conns:
-                conn.close()
-            self._reader_conns.clear()
         self._local = threading.local()
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+
+    def _shutdown_readers(self) -> None:
+        assert self._pool is not None
+        self._pool.shutdown(wait=True)
+        with self._conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
 
     # the writer thread
 

@@ -61,6 +61,10 @@ $$;
 -- Check and store the versions of one commit. Returns the ids whose latest rev is not the
 -- expected one (nothing is stored then; the caller rolls back). Within one call the same id
 -- may appear again, expecting the rev its previous row got.
+-- Every id is locked first, in sorted order, so that two commits touching the same states in
+-- different orders wait for each other instead of deadlocking. An id without a latest row is
+-- claimed by inserting a placeholder row (rev 0), which the commit either overwrites or rolls
+-- back; a concurrent insert of the same id waits on it.
 CREATE FUNCTION flowstate_commit(
     ids text[], expected bigint[], revs bigint[], committed_at bigint[],
     annotations jsonb[], labels jsonb[], tos text[], transition_annotations jsonb[],
@@ -69,38 +73,33 @@ CREATE FUNCTION flowstate_commit(
 LANGUAGE plpgsql AS $$
 DECLARE
     conflicts text[] := '{}';
-    seen jsonb := '{}';
-    cur bigint;
+    cur jsonb := '{}';
+    sid text;
+    found_rev bigint;
     i integer;
 BEGIN
-    FOR i IN 1 .. coalesce(array_length(ids, 1), 0) LOOP
-        IF seen ? ids[i] THEN
-            cur := (seen ->> ids[i])::bigint;
+    FOR sid IN SELECT DISTINCT u FROM unnest(ids) AS u ORDER BY u LOOP
+        INSERT INTO flowstate_latest (id, rev) VALUES (sid, 0) ON CONFLICT (id) DO NOTHING;
+        IF FOUND THEN
+            found_rev := 0;
         ELSE
-            SELECT l.rev INTO cur FROM flowstate_latest l WHERE l.id = ids[i] FOR UPDATE;
-            IF NOT FOUND THEN
-                cur := 0;
-            END IF;
+            SELECT l.rev INTO found_rev FROM flowstate_latest l WHERE l.id = sid FOR UPDATE;
         END IF;
-        IF cur <> expected[i] THEN
-            conflicts := conflicts || ids[i];
+        cur := cur || jsonb_build_object(sid, found_rev);
+    END LOOP;
+    FOR i IN 1 .. coalesce(array_length(ids, 1), 0) LOOP
+        IF (cur ->> ids[i])::bigint <> expected[i] THEN
+            IF NOT ids[i] = ANY(conflicts) THEN
+                conflicts := conflicts || ids[i];
+            END IF;
             CONTINUE;
         END IF;
-        IF cur = 0 THEN
-            INSERT INTO flowstate_latest (id, rev) VALUES (ids[i], revs[i])
-                ON CONFLICT (id) DO NOTHING;
-            IF NOT FOUND THEN
-                conflicts := conflicts || ids[i];
-                CONTINUE;
-            END IF;
-        ELSE
-            UPDATE flowstate_latest SET rev = revs[i] WHERE id = ids[i];
-        END IF;
-        seen := seen || jsonb_build_object(ids[i], revs[i]);
+        cur := cur || jsonb_build_object(ids[i], revs[i]);
     END LOOP;
     IF coalesce(array_length(conflicts, 1), 0) > 0 THEN
         RETURN conflicts;
     END IF;
+    UPDATE flowstate_latest l SET rev = (cur ->> l.id)::bigint WHERE l.id = ANY(ids);
     INSERT INTO flowstate_states
         (rev, id, committed_at, annotations, labels, transition_to, transition_annotations)
     SELECT * FROM unnest(revs, ids, committed_at, annotations, labels, tos, transition_annotations);
