@@ -107,6 +107,7 @@ class EngineFactory:
         self.errors = _ErrorLog()
 
     async def __call__(self, registry: fs.FlowRegistry, **kwargs: Any) -> fs.Engine:
+        kwargs.setdefault("recovery", False)  # as in Go's suite: a delayer, no recoverer
         engine = fs.Engine(self._driver_factory(), registry, **kwargs)
         self.engines.append(engine)
         await engine.start()
@@ -151,3 +152,22 @@ async def engine_factory(driver_factory: DriverFactory) -> AsyncIterator[EngineF
             for r in factory.errors.records
         )
         pytest.fail(f"the engine logged errors:\n{details}")
+
+
+@pytest.fixture
+def store(driver_name: str, tmp_path: Path) -> Callable[[], fs.Driver]:
+    """A callable returning a new driver on ONE store, shared by every driver it returns: the
+    same MemoryDriver, the same SQLite file, the same PostgreSQL schema. For tests of several
+    engines (a cluster) on one store, and of restarts."""
+    if driver_name == "memory":
+        shared = fs.MemoryDriver()
+        return lambda: shared
+    if driver_name == "postgres":
+        from flowstate.drivers.postgres import PostgresDriver
+        from tests import pgutil
+
+        pgutil.require()
+        dsn = pgutil.dsn_for(pgutil.new_schema())
+        return lambda: PostgresDriver(dsn)
+    make = DRIVERS[driver_name]
+    return lambda: make(tmp_path, 0)

@@ -27,7 +27,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         driver: fs.Driver = fs.MemoryDriver()
     else:
         driver = fs.SqliteDriver(tmp_path / "bad.db")
-    async with fs.Engine(driver, fs.FlowRegistry()) as eng:
+    async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as eng:
         a = fs.StateCtx(current=fs.State(id="a", labels={"kind": "seed"}))
         b = fs.StateCtx(current=fs.State(id="b", annotations={"x": "1"}))
         await eng.do(fs.commit(fs.park(a), fs.transit(b, "somewhere")))

@@ -41,7 +41,9 @@ def registry() -> fs.FlowRegistry:
 
 @pytest.fixture
 async def engine(kind: str, tmp_path: Path, registry: fs.FlowRegistry) -> AsyncIterator[fs.Engine]:
-    async with fs.Engine(make_driver(kind, tmp_path), registry) as eng:
+    async with fs.Engine(
+        make_driver(kind, tmp_path), registry, recovery=False, delayer=False
+    ) as eng:
         yield eng
 
 
@@ -102,7 +104,7 @@ async def test_execute_on_stopped_engine(
         return fs.noop()
 
     registry.set_flow("f", flow)
-    engine = fs.Engine(make_driver(kind, tmp_path), registry)
+    engine = fs.Engine(make_driver(kind, tmp_path), registry, recovery=False, delayer=False)
     await engine.start()
     ctx = new("s")
     await engine.do(fs.transit(ctx, "f"))
@@ -130,7 +132,7 @@ async def test_shutdown_waits_for_running_execution(
         return fs.noop()
 
     registry.set_flow("wait", waiter)
-    engine = fs.Engine(make_driver(kind, tmp_path), registry)
+    engine = fs.Engine(make_driver(kind, tmp_path), registry, recovery=False, delayer=False)
     await engine.start()
     ctx = new("w")
     await engine.do(fs.commit(fs.transit(ctx, "wait")))
@@ -278,7 +280,7 @@ async def _collect(it: AsyncIterator[fs.State]) -> list[fs.State]:
 async def test_watch_ends_when_engine_shuts_down(
     kind: str, tmp_path: Path, registry: fs.FlowRegistry, no_refresh: None
 ) -> None:
-    engine = fs.Engine(make_driver(kind, tmp_path), registry)
+    engine = fs.Engine(make_driver(kind, tmp_path), registry, recovery=False, delayer=False)
     await engine.start()
     await engine.do(fs.commit(fs.park(new("a"))))
     got: list[str] = []
@@ -589,7 +591,7 @@ async def test_sqlite_never_runs_sqlite_on_the_loop_thread(
 
     registry.set_flow("step", step)
     registry.set_flow("plain", plain)
-    async with fs.Engine(driver, registry) as engine:
+    async with fs.Engine(driver, registry, recovery=False, delayer=False) as engine:
         probe = waiting_probe(monkeypatch, driver)
         watcher = engine.watch(fs.get_states({"w": "1"}))
         watched = asyncio.ensure_future(anext(watcher))
@@ -639,7 +641,9 @@ async def test_sqlite_closes_connections_off_the_loop_thread(tmp_path: Path) -> 
         def _connect(self) -> Any:
             return _ClosingProxy(super()._connect(), closes)
 
-    async with fs.Engine(ClosingDriver(tmp_path / "closing.db")) as engine:
+    async with fs.Engine(
+        ClosingDriver(tmp_path / "closing.db"), recovery=False, delayer=False
+    ) as engine:
         await engine.do(fs.commit(fs.park(new("a"))))
         await engine.do(fs.get_state_by_id(fs.StateCtx(), "a"))
     assert len(closes) >= 2  # the writer and at least one reader

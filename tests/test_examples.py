@@ -58,7 +58,8 @@ def test_no_example_shadows_a_stdlib_module() -> None:
 async def test_demo(store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     log = await load("demo").main(store_url)
     assert steps(log) == [("aTID", "first"), ("aTID", "second"), ("aTID", "ended")]
-    assert [s.rev for s in log] == [1, 2, 3]
+    revs = [s.rev for s in log]
+    assert revs == sorted(set(revs)), "the log is in commit order"
     assert log[-1].annotations["flowstate.data.result"] == "1"
     out = capsys.readouterr().out
     assert "hello from flow second" in out
@@ -72,7 +73,8 @@ async def test_demo_default_store_is_reset_in_cwd(
     demo = load("demo")
     await demo.main()
     log = await demo.main()  # a rerun starts from an empty log instead of conflicting
-    assert [s.rev for s in log] == [1, 2, 3]
+    revs = [s.rev for s in log]
+    assert revs == sorted(set(revs)), "the log is in commit order"
     assert (tmp_path / "flowstate-demo.db").exists()
 
 
@@ -87,11 +89,10 @@ def test_demo_script_quick_start(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
-        assert [line.split()[:3] for line in lines if line.strip().startswith("rev ")] == [
-            ["rev", "1", "aTID"],
-            ["rev", "2", "aTID"],
-            ["rev", "3", "aTID"],
-        ]
+        rows = [line.split()[:3] for line in lines if line.strip().startswith("rev ")]
+        assert [row[2] for row in rows] == ["aTID"] * 3
+        revs = [int(row[1]) for row in rows]
+        assert revs == sorted(set(revs))
         assert "-> first" in done.stdout and "-> second" in done.stdout
         assert "what happened:" in lines[-1]
     assert (tmp_path / "flowstate-demo.db").exists()
@@ -171,7 +172,8 @@ async def test_work_queue_consumes_all_jobs_in_commit_order(store_url: str) -> N
 async def test_iterate_walks_the_whole_log(store_url: str) -> None:
     example = load("iterate")
     seen = await example.main(store_url)
-    assert [s.rev for s in seen] == list(range(1, example.ITEMS + 2))
+    first = seen[0].rev  # the recoverer's and the delayer's meta states come first
+    assert [s.rev for s in seen] == list(range(first, first + example.ITEMS + 1))
     assert [s.id for s in seen] == [f"item-{i}" for i in range(example.ITEMS)] + ["late"]
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -44,7 +45,7 @@ def dsn(schema: str) -> str:
 
 @pytest.fixture
 async def engine(dsn: str) -> AsyncIterator[fs.Engine]:
-    async with fs.Engine(PostgresDriver(dsn)) as engine:
+    async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as engine:
         yield engine
 
 
@@ -92,11 +93,41 @@ async def test_migrations_apply_once_under_concurrent_starts(dsn: str, schema: s
     assert [r[0] for r in rows] == [v for v, _, _ in migrations()]
 
 
+async def test_upgrade_from_version_1_keeps_delayed_states(dsn: str, schema: str) -> None:
+    """A store created by schema version 1 (offsets from their own sequence) upgrades in
+    place: its delayed states survive and new offsets come after them."""
+    conn = await raw(schema)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(
+            "CREATE TABLE flowstate_migrations (version integer PRIMARY KEY, "
+            "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        version, name, sql = migrations()[0]
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO flowstate_migrations VALUES ($1, $2)", version, name)
+        old = {"id": "old", "rev": 0, "annotations": {}, "labels": {}, "committed_at": None}
+        old |= {"to": "f", "transition_annotations": {}}
+        for _ in range(5):
+            await conn.execute(
+                "INSERT INTO flowstate_delayed (execute_at, state) VALUES (0, $1)", json.dumps(old)
+            )
+    finally:
+        await conn.close()
+    async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as engine:
+        await engine.do(fs.delay(park_ctx("new"), "f", 0))
+        q = fs.get_delayed_states(until=engine.clock.now() + timedelta(days=1))
+        await engine.do(q)
+    assert q.result is not None
+    got = [(d.state.id, d.offset) for d in q.result.delayed_states]
+    assert got == [("old", 1), ("old", 2), ("old", 3), ("old", 4), ("old", 5), ("new", 6)]
+
+
 async def test_schemas_keep_stores_apart() -> None:
     a, b = pgutil.new_schema(), pgutil.new_schema()
     async with (
-        fs.Engine(PostgresDriver(pgutil.dsn_for(a))) as ea,
-        fs.Engine(PostgresDriver(pgutil.DSN, schema=b)) as eb,
+        fs.Engine(PostgresDriver(pgutil.dsn_for(a)), recovery=False, delayer=False) as ea,
+        fs.Engine(PostgresDriver(pgutil.DSN, schema=b), recovery=False, delayer=False) as eb,
     ):
         await ea.do(fs.commit(fs.park(park_ctx("only-in-a"))))
         q = fs.get_states()
@@ -151,12 +182,49 @@ async def test_reader_never_skips_a_lower_rev_committed_later(
         await slow.close()
 
 
+async def test_delayed_offsets_never_appear_out_of_order(engine: fs.Engine, schema: str) -> None:
+    """A delay that took offset o1 and is still uncommitted hides every later offset, so the
+    delayer, which reads by offset, can never move past o1 and lose it."""
+    slow = await raw(schema)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        o1 = await slow.fetchval("SELECT flowstate_alloc_revs(1)")
+        await slow.execute(
+            'INSERT INTO flowstate_delayed ("offset", execute_at, state) VALUES ($1, 0, $2)',
+            o1,
+            json.dumps(
+                {"id": "slow", "rev": 0, "annotations": {}, "labels": {}}
+                | {"committed_at": None, "to": "f", "transition_annotations": {}}
+            ),
+        )
+        fast = park_ctx("fast")
+        cmd = fs.delay(fast, "f", 0)
+        await engine.do(cmd)
+        at = engine.clock.now() + timedelta(days=1)
+
+        q = fs.get_delayed_states(until=at)
+        await engine.do(q)
+        assert q.result is not None
+        assert q.result.delayed_states == [], "a later offset is visible while o1 may commit"
+
+        await tx.commit()
+        q = fs.get_delayed_states(until=at)
+        await engine.do(q)
+        assert q.result is not None
+        got = [(d.state.id, d.offset) for d in q.result.delayed_states]
+        assert got[0] == ("slow", o1)
+        assert got[1][0] == "fast" and got[1][1] > o1
+    finally:
+        await slow.close()
+
+
 async def test_notify_wakes_a_watcher_in_another_process(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Polling is disabled (intervals of an hour): only LISTEN/NOTIFY can deliver in time."""
     monkeypatch.setattr(iterator, "WATCH_REFRESH", 3600.0)
-    engine = fs.Engine(PostgresDriver(dsn, poll_interval=3600))
+    engine = fs.Engine(PostgresDriver(dsn, poll_interval=3600), recovery=False, delayer=False)
     async with engine, engine.watch(fs.get_states({"from": "child"})) as watcher:
         got = asyncio.create_task(collect(watcher, 1))
         child = await asyncio.create_subprocess_exec(
@@ -184,8 +252,8 @@ async def test_polling_delivers_when_notifications_are_lost(
         await asyncio.Event().wait()
 
     monkeypatch.setattr(PostgresDriver, "_listen_forever", deaf)
-    engine = fs.Engine(PostgresDriver(dsn, poll_interval=0.05))
-    other = fs.Engine(PostgresDriver(dsn))
+    engine = fs.Engine(PostgresDriver(dsn, poll_interval=0.05), recovery=False, delayer=False)
+    other = fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False)
     async with engine, other, engine.watch(fs.get_states()) as watcher:
         got = asyncio.create_task(collect(watcher, 1))
         ctx = park_ctx("elsewhere")
@@ -197,7 +265,7 @@ async def test_polling_delivers_when_notifications_are_lost(
 async def test_contended_commits_from_four_processes(dsn: str, schema: str) -> None:
     """4 OS processes, 10,000 successful commits over 20 states: none lost, none duplicated,
     every version based on the one before it."""
-    async with fs.Engine(PostgresDriver(dsn)):
+    async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False):
         pass  # migrate once up front
     per_process = 2500
     children = [
@@ -243,7 +311,7 @@ async def test_contended_commits_from_four_processes(dsn: str, schema: str) -> N
 
 
 async def test_queries_use_indexes(dsn: str, schema: str) -> None:
-    async with fs.Engine(PostgresDriver(dsn)):
+    async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False):
         pass
     conn = await raw(schema)
     try:
@@ -387,7 +455,7 @@ async def test_server_restart(engine: fs.Engine) -> None:
 
 async def test_a_role_with_only_the_documented_grants_can_run(dsn: str, schema: str) -> None:
     """The grants README's PostgreSQL section lists are enough once the schema is migrated."""
-    async with fs.Engine(PostgresDriver(dsn)):
+    async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False):
         pass  # an owner role applies the migrations
     role = f"flowstate_app_{os.getpid()}"
     admin = await asyncpg.connect(pgutil.DSN)
@@ -403,7 +471,9 @@ async def test_a_role_with_only_the_documented_grants_can_run(dsn: str, schema: 
             """
         )
         user_dsn = pgutil.DSN.replace("postgres@", f"{role}@", 1)
-        async with fs.Engine(PostgresDriver(user_dsn, schema=schema)) as engine:
+        async with fs.Engine(
+            PostgresDriver(user_dsn, schema=schema), recovery=False, delayer=False
+        ) as engine:
             ctx = park_ctx("app", k="v")
             ctx.datas["d"] = fs.Data(blob=b"payload")
             await engine.do(fs.commit(fs.store_data(ctx, "d"), fs.park(ctx)))

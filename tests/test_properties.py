@@ -43,7 +43,7 @@ def run_with_engine(kind: str, body: Callable[[fs.Engine], Awaitable[Any]]) -> A
             driver = fs.SqliteDriver(Path(tmp) / "props.db")
         else:
             driver = fs.PostgresDriver(pgutil.dsn_for(pgutil.new_schema()))
-        async with fs.Engine(driver, fs.FlowRegistry()) as engine:
+        async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
             return await body(engine)
 
     if kind == "postgres":

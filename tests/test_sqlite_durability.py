@@ -114,7 +114,7 @@ async def test_reported_commits_survive_sigkill(tmp_path: Path, synchronous: str
     assert len(killed.reported) >= WANT
 
     driver = fs.SqliteDriver(path, synchronous=synchronous)  # type: ignore[arg-type]
-    async with fs.Engine(driver, fs.FlowRegistry()) as engine:
+    async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
         log = await read_log(engine)
     check_log(log, killed.reported)
     assert len(log) >= max(rev for _, rev in killed.reported)
@@ -126,7 +126,7 @@ async def test_reopen_after_sigkill_keeps_committing(tmp_path: Path, synchronous
     killed = run_and_kill(path, synchronous)
 
     driver = fs.SqliteDriver(path, synchronous=synchronous)  # type: ignore[arg-type]
-    async with fs.Engine(driver, fs.FlowRegistry()) as engine:
+    async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
         log = await read_log(engine)
         check_log(log, killed.reported)
         head = log[-1].rev
@@ -149,7 +149,7 @@ async def test_reopen_after_sigkill_keeps_committing(tmp_path: Path, synchronous
             await engine.do(fs.commit(fs.park(ctx)))
 
     driver = fs.SqliteDriver(path, synchronous=synchronous)  # type: ignore[arg-type]
-    async with fs.Engine(driver, fs.FlowRegistry()) as engine:
+    async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
         after = await read_log(engine)
     check_log(after, killed.reported)
     assert len(after) == head + 2 * len(ids) + 1

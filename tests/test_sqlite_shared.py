@@ -95,7 +95,9 @@ async def test_processes_contend_on_one_file(tmp_path: Path) -> None:
     commits = PROCS * ENGINES * TASKS * SUCCESSES
     assert len(reported) >= commits  # every commit stores at least one version
 
-    async with fs.Engine(fs.SqliteDriver(path), fs.FlowRegistry()) as engine:
+    async with fs.Engine(
+        fs.SqliteDriver(path), fs.FlowRegistry(), recovery=False, delayer=False
+    ) as engine:
         log = await read_log(engine)
     revs = [s.rev for s in log]
     assert revs == sorted(revs) and len(set(revs)) == len(revs)
@@ -116,7 +118,9 @@ async def test_watcher_sees_commit_of_another_process(
     # Without the periodic safety-net re-query, only noticing the other process can wake it.
     monkeypatch.setattr(flowstate.iterator, "WATCH_REFRESH", 3600.0)
     path = tmp_path / "watched.db"
-    async with fs.Engine(fs.SqliteDriver(path), fs.FlowRegistry()) as engine:
+    async with fs.Engine(
+        fs.SqliteDriver(path), fs.FlowRegistry(), recovery=False, delayer=False
+    ) as engine:
         mine = fs.StateCtx(current=fs.State(id="parent"))
         await engine.do(fs.commit(fs.park(mine)))
         async with engine.watch(fs.get_states()) as watcher:

@@ -4,6 +4,7 @@ A flow takes a state, does its work and returns a command; the engine carries ou
 commits states with optimistic concurrency, and lets anyone watch the stream of changes.
 """
 
+from flowstate import recovery
 from flowstate.clock import Clock, ManualClock, SystemClock
 from flowstate.commands import (
     Command,
@@ -43,6 +44,7 @@ from flowstate.commands import (
     unstack,
 )
 from flowstate.data import Data
+from flowstate.delayer import Delayer, DelayerStats
 from flowstate.drivers.base import Driver
 from flowstate.drivers.memory import MemoryDriver
 from flowstate.drivers.postgres import PostgresDriver
@@ -61,6 +63,7 @@ from flowstate.errors import (
 )
 from flowstate.flow import Flow, FlowRegistry
 from flowstate.iterator import StateIterator, Watcher
+from flowstate.recovery import Recoverer, RecoveryStats
 from flowstate.state import State, StateCtx, Transition, delayed, ended, is_system, parked
 from flowstate.urls import open_driver
 
@@ -73,6 +76,8 @@ __all__ = [
     "DataNotFoundError",
     "DelayCmd",
     "DelayedState",
+    "Delayer",
+    "DelayerStats",
     "Driver",
     "Engine",
     "EngineStoppedError",
@@ -94,6 +99,8 @@ __all__ = [
     "NotFoundError",
     "ParkCmd",
     "PostgresDriver",
+    "Recoverer",
+    "RecoveryStats",
     "RevMismatchError",
     "SqliteDriver",
     "StackCmd",
@@ -126,6 +133,7 @@ __all__ = [
     "open_driver",
     "park",
     "parked",
+    "recovery",
     "stack",
     "store_data",
     "transit",

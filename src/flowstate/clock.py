@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
 class Clock(Protocol):
-    """Source of the current time (UTC, timezone-aware)."""
+    """Source of the current time (UTC, timezone-aware), and of waiting on it."""
 
     def now(self) -> datetime: ...
+
+    async def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:
@@ -19,26 +24,53 @@ class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
 
 class ManualClock:
-    """A clock that only moves when told to. For tests of time windows."""
+    """A clock that only moves when told to. For tests of time windows.
+
+    :meth:`sleep` returns once :meth:`advance` has moved the clock past the deadline, so
+    minutes-long recovery and delay windows pass in a test without waiting.
+    """
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2000, 1, 1, tzinfo=UTC)
+        self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
 
     def now(self) -> datetime:
         return self._now
 
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        deadline = self._now + timedelta(seconds=seconds)
+        heapq.heappush(self._sleepers, (deadline, next(self._seq), fut))
+        await fut
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleeps are waiting for the clock to move."""
+        return sum(1 for _, _, f in self._sleepers if not f.done())
+
     def advance(self, delta: timedelta | float) -> datetime:
-        """Move the clock forward by ``delta`` (seconds or a timedelta); returns the new time."""
+        """Move the clock forward by ``delta`` (seconds or a timedelta); wakes due sleepers."""
         if not isinstance(delta, timedelta):
             delta = timedelta(seconds=delta)
-        self._now += delta
+        self.set(self._now + delta)
         return self._now
 
     def set(self, when: datetime) -> None:
-        """Jump to ``when``."""
+        """Jump to ``when`` (wakes the sleepers that are then due)."""
         self._now = when
+        while self._sleepers and self._sleepers[0][0] <= when:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
 
 
 def to_millis(when: datetime) -> int:

@@ -27,10 +27,12 @@ from flowstate.commands import (
     TransitCmd,
     UnstackCmd,
 )
+from flowstate.delayer import Delayer
 from flowstate.drivers.base import Driver, load_into
 from flowstate.errors import EngineStoppedError, FlowstateError, RevMismatchError, ValidationError
 from flowstate.flow import FlowRegistry
 from flowstate.iterator import StateIterator, Watcher
+from flowstate.recovery import Recoverer
 from flowstate.state import StateCtx
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ class Engine:
         driver: Driver,
         registry: FlowRegistry | None = None,
         *,
+        recovery: bool = True,
+        delayer: bool = True,
         clock: Clock | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -70,6 +74,10 @@ class Engine:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
+        #: The recoverer and the delayer (None when turned off); tune their attributes
+        #: (``interval``, ``role.takeover_after``…) before the engine starts.
+        self.recoverer: Recoverer | None = Recoverer(self) if recovery else None
+        self.delayer: Delayer | None = Delayer(self) if delayer else None
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             TransitCmd: self._sync(perform.transit),
             ParkCmd: self._sync(perform.park),
@@ -90,14 +98,18 @@ class Engine:
     # lifecycle
 
     async def start(self) -> Engine:
-        """Open the driver. Called by ``async with`` and, lazily, by the first command."""
+        """Open the driver, start the recoverer and the delayer. Called by ``async with`` and,
+        lazily, by the first command."""
         async with self._start_lock:
             if self._stopped:
                 raise EngineStoppedError()
             if not self._started:
                 await self.driver.open()
                 self._loop = asyncio.get_running_loop()
-                self._started = True
+                self._started = True  # before the workers start: they issue commands
+                for worker in (self.recoverer, self.delayer):
+                    if worker is not None:
+                        await worker.start()
         return self
 
     async def shutdown(self, timeout: float | None = 30.0) -> None:
@@ -107,6 +119,13 @@ class Engine:
         """
         if self._stopped:
             return
+        if self._started:
+            for worker in (self.recoverer, self.delayer):
+                if worker is not None:
+                    try:
+                        await worker.shutdown()
+                    except Exception:
+                        self.log.exception("shutdown of %s failed", type(worker).__name__)
         self._stopped = True
         self._done.set()
         self.driver.notifier.wake()

@@ -43,7 +43,7 @@ async def writer(engine: fs.Engine, w: int) -> None:
 async def main() -> None:
     path, synchronous, writers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     driver = fs.SqliteDriver(path, synchronous=synchronous)  # type: ignore[arg-type]
-    async with fs.Engine(driver, fs.FlowRegistry()) as engine:
+    async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
         await asyncio.gather(*(writer(engine, w) for w in range(writers)))
 
 

@@ -67,7 +67,8 @@ async def main() -> None:
     ids = args.ids.split(",")
 
     engines = [
-        fs.Engine(fs.SqliteDriver(args.path), fs.FlowRegistry()) for _ in range(args.engines)
+        fs.Engine(fs.SqliteDriver(args.path), fs.FlowRegistry(), recovery=False, delayer=False)
+        for _ in range(args.engines)
     ]
     for engine in engines:
         await engine.start()

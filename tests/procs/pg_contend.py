@@ -18,7 +18,9 @@ async def main(dsn: str, worker: int, successes: int, states: int) -> None:
     rng = random.Random(worker)
     conflicts = 0
     out: list[str] = []
-    async with fs.Engine(fs.PostgresDriver(dsn, max_size=4)) as engine:
+    async with fs.Engine(
+        fs.PostgresDriver(dsn, max_size=4), recovery=False, delayer=False
+    ) as engine:
 
         async def loop(lane: int, count: int) -> None:
             nonlocal conflicts

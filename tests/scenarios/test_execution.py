@@ -9,14 +9,9 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
-import pytest
-
 import flowstate as fs
 
 from .harness import TIMEOUT, Signal, Tracker
-
-needs_delayer = pytest.mark.skip(reason="needs the delayer (issue 5)")
-
 
 # SingleNode and the chains
 
@@ -458,7 +453,6 @@ async def test_call_flow_with_watch(engine_factory):
 # Delayed execution
 
 
-@needs_delayer
 async def test_delay(engine_factory):
     tracker = Tracker()
     registry = fs.FlowRegistry()
@@ -491,7 +485,6 @@ def _next_fire_times(schedule: str, now: datetime) -> tuple[datetime, datetime]:
     return next0, next0 + timedelta(seconds=1)
 
 
-@needs_delayer
 async def test_cron(engine_factory):
     tracker = Tracker()
     registry = fs.FlowRegistry()

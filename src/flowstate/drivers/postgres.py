@@ -29,6 +29,7 @@ import xxhash
 from flowstate.clock import Clock, from_millis, from_seconds, to_millis, to_seconds
 from flowstate.commands import (
     CommitCmd,
+    DelayCmd,
     DelayedState,
     GetDelayedStatesResult,
     GetStatesCmd,
@@ -365,7 +366,8 @@ class PostgresDriver(Driver):
 
     async def commit(self, cmd: CommitCmd) -> None:
         now = self.clock.now()
-        n = committable_count(cmd)
+        # delayed states inside the commit take their offsets from the same block
+        n = committable_count(cmd) + sum(isinstance(c, DelayCmd) for c in cmd.commands)
 
         async def run(conn: asyncpg.Connection) -> CommitOutcome:
             first = await conn.fetchval("SELECT flowstate_alloc_revs($1)", n) if n else 0
@@ -389,13 +391,19 @@ class PostgresDriver(Driver):
         return await self._read(lambda conn: _get_states(conn, cmd))
 
     async def delay(self, delayed: DelayedState) -> int:
-        return await self._write(lambda conn: _insert_delayed(conn, delayed))
+        async def run(conn: asyncpg.Connection) -> int:
+            offset = int(await conn.fetchval("SELECT flowstate_alloc_revs(1)"))
+            await _insert_delayed(conn, delayed, offset)
+            return offset
+
+        return await self._write(run)
 
     async def get_delayed_states(
         self, since: datetime | None, until: datetime, offset: int, limit: int
     ) -> GetDelayedStatesResult:
         async def run(conn: asyncpg.Connection) -> GetDelayedStatesResult:
             sql = 'SELECT "offset", execute_at, state FROM flowstate_delayed WHERE "offset" > $1 '
+            sql += f"AND xid < {_HORIZON} "
             sql += "AND execute_at <= $2 "
             args: list[Any] = [offset, to_seconds(until)]
             if since is not None:
@@ -484,11 +492,9 @@ async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesR
     return GetStatesResult(states, len(rows) > cmd.limit)
 
 
-async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState) -> int:
-    sql = "INSERT INTO flowstate_delayed (execute_at, state) VALUES ($1, $2::jsonb) "
-    sql += 'RETURNING "offset"'
-    offset = await conn.fetchval(sql, to_seconds(delayed.execute_at), _state_json(delayed.state))
-    return int(offset)
+async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState, offset: int) -> None:
+    sql = 'INSERT INTO flowstate_delayed ("offset", execute_at, state) VALUES ($1, $2, $3::jsonb)'
+    await conn.execute(sql, offset, to_seconds(delayed.execute_at), _state_json(delayed.state))
 
 
 async def _store_data(conn: asyncpg.Connection, data: Data) -> None:
@@ -540,7 +546,10 @@ class _PgTx:
         await _get_data(self.conn, data)
 
     async def delay(self, delayed: DelayedState) -> int:
-        return await _insert_delayed(self.conn, delayed)
+        offset = self.next_rev
+        self.next_rev += 1
+        await _insert_delayed(self.conn, delayed, offset)
+        return offset
 
     async def flush(self, channel: str) -> None:
         if not self.staged:

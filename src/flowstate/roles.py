@@ -1,0 +1,125 @@
+"""Active/standby between processes, through a parked meta state in the store.
+
+The recoverer and the delayer each run in every process, but only one process does the work:
+the one whose commit of the meta state with ``state=active`` succeeded. The others stand by
+and take over when the active one shuts down cleanly (it writes ``state=inactive``) or when it
+has not written the meta state for ``takeover_after`` seconds while there is work. Every
+claim is an optimistic commit on the meta state, so at most one claimant wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from flowstate.commands import commit, get_state_by_id, park
+from flowstate.errors import NotFoundError, RevMismatchError
+from flowstate.state import State, StateCtx
+
+if TYPE_CHECKING:
+    from flowstate.engine import Engine
+
+ROLE = "state"
+ACTIVE = "active"
+INACTIVE = "inactive"
+RECOVERY_ENABLED = "flowstate.recovery.enabled"
+
+
+class Role:
+    """Whether this process is the active one for the meta state ``meta_id``."""
+
+    def __init__(self, engine: Engine, meta_id: str, takeover_after: float) -> None:
+        self.engine = engine
+        self.meta_id = meta_id
+        self.takeover_after = takeover_after
+        self.active = False
+        self.meta = StateCtx()
+        self._mine: set[int] = set()
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        """The meta state's annotations as last read or written."""
+        return self.meta.current.annotations
+
+    async def start(self, initial: Mapping[str, str]) -> None:
+        """Create the meta state (and become active) or read it and decide."""
+        if await self._reload():
+            if self.meta.current.transition.annotations.get(ROLE) != ACTIVE:
+                await self._claim()
+            return
+        ctx = StateCtx(current=State(self.meta_id, annotations=dict(initial)))
+        ctx.current.annotations[RECOVERY_ENABLED] = "false"
+        try:
+            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
+        except RevMismatchError:
+            await self._reload()
+            self.active = False
+            return
+        self._adopt(ctx)
+
+    async def check(self, has_work: bool) -> bool:
+        """Re-read the meta state; step down or take over as the rules say. True if the role
+        changed to active."""
+        await self._reload()
+        state = self.meta.current
+        if self.active:
+            if state.rev not in self._mine and state.transition.annotations.get(ROLE) == ACTIVE:
+                self.active = False  # another process took over
+            return False
+        if state.transition.annotations.get(ROLE) != ACTIVE:
+            return await self._claim()
+        at = state.committed_at
+        stale = at is None or (self.engine.clock.now() - at).total_seconds() > self.takeover_after
+        if stale and has_work:
+            return await self._claim()
+        return False
+
+    async def write(self, annotations: Mapping[str, str]) -> bool:
+        """As the active process, store progress (and prove liveness). False if we lost."""
+        if not self.active:
+            return False
+        ctx = self.meta.copy()
+        ctx.current.annotations.update(annotations)
+        try:
+            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
+        except RevMismatchError:
+            self.active = False
+            await self._reload()
+            return False
+        self._adopt(ctx)
+        return True
+
+    async def release(self, annotations: Mapping[str, str]) -> None:
+        """On shutdown of the active process: store progress and mark the role free."""
+        if not self.active:
+            return
+        ctx = self.meta.copy()
+        ctx.current.annotations.update(annotations)
+        with contextlib.suppress(RevMismatchError):  # someone took over meanwhile
+            await self.engine.do(commit(park(ctx, {ROLE: INACTIVE})))
+        self.active = False
+
+    async def _claim(self) -> bool:
+        ctx = self.meta.copy()
+        try:
+            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
+        except RevMismatchError:
+            await self._reload()
+            return False
+        self._adopt(ctx)
+        return True
+
+    def _adopt(self, ctx: StateCtx) -> None:
+        self.meta = ctx
+        self._mine.add(ctx.committed.rev)
+        self.active = True
+
+    async def _reload(self) -> bool:
+        ctx = StateCtx()
+        try:
+            await self.engine.do(get_state_by_id(ctx, self.meta_id))
+        except NotFoundError:
+            return False
+        self.meta = ctx
+        return True
