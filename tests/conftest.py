@@ -55,6 +55,22 @@ if _importable("flowstate.drivers.postgres") and _importable("asyncpg"):
     DRIVERS["postgres"] = _postgres
 
 
+def _net_over(backing: str) -> Callable[[Path, int], fs.Driver]:
+    """engine -> NetDriver -> a server on a real socket -> a fresh store of kind ``backing``."""
+
+    def make(tmp_path: Path, n: int) -> fs.Driver:
+        from tests import netserver
+
+        return netserver.net_driver(DRIVERS[backing](tmp_path, n))
+
+    return make
+
+
+if _importable("flowstate.server") and _importable("flowstate.drivers.net"):
+    for _backing in list(DRIVERS):
+        DRIVERS[f"net-over-{_backing}"] = _net_over(_backing)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _drop_postgres_schemas() -> Iterator[None]:
     """Drop the PostgreSQL schemas this test process created (if it used PostgreSQL at all)."""
@@ -62,6 +78,15 @@ def _drop_postgres_schemas() -> Iterator[None]:
     pgutil = sys.modules.get("tests.pgutil")
     if pgutil is not None and pgutil.unavailable.cache_info().currsize:
         pgutil.drop_schemas()
+
+
+@pytest.fixture(autouse=True)
+def _stop_net_servers() -> Iterator[None]:
+    """Stop the servers the network driver entries started for this test."""
+    yield
+    netserver = sys.modules.get("tests.netserver")
+    if netserver is not None:
+        netserver.stop_all()
 
 
 @pytest.fixture(params=list(DRIVERS))
@@ -159,6 +184,13 @@ def store(driver_name: str, tmp_path: Path) -> Callable[[], fs.Driver]:
     """A callable returning a new driver on ONE store, shared by every driver it returns: the
     same MemoryDriver, the same SQLite file, the same PostgreSQL schema. For tests of several
     engines (a cluster) on one store, and of restarts."""
+    if driver_name.startswith("net-over-"):
+        from flowstate.drivers.net import NetDriver
+        from tests import netserver
+
+        first = netserver.net_driver(DRIVERS[driver_name.removeprefix("net-over-")](tmp_path, 0))
+        drivers = iter([first])
+        return lambda: next(drivers, None) or NetDriver(first.url)
     if driver_name == "memory":
         shared = fs.MemoryDriver()
         return lambda: shared

@@ -182,6 +182,33 @@ async def test_reader_never_skips_a_lower_rev_committed_later(
         await slow.close()
 
 
+async def test_a_reader_sees_its_own_commit_behind_a_short_transaction(
+    engine: fs.Engine, schema: str
+) -> None:
+    """Another client's write transaction, begun before our commit, holds the read horizon
+    below it; get_states waits for it to end (briefly) rather than miss our own commit."""
+    other = await raw(schema)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.fetchval("SELECT pg_current_xact_id()")  # a write transaction, in flight
+        mine = park_ctx("mine", k="own")
+        await engine.do(fs.commit(fs.park(mine)))
+
+        async def finish_soon() -> None:
+            await asyncio.sleep(0.05)
+            await tx.commit()
+
+        finisher = asyncio.create_task(finish_soon())
+        q = fs.get_states({"k": "own"})
+        await engine.do(q)
+        await finisher
+        assert q.result is not None
+        assert [s.id for s in q.result.states] == ["mine"]
+    finally:
+        await other.close()
+
+
 async def test_delayed_offsets_never_appear_out_of_order(engine: fs.Engine, schema: str) -> None:
     """A delay that took offset o1 and is still uncommitted hides every later offset, so the
     delayer, which reads by offset, can never move past o1 and lose it."""

@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -15,7 +16,9 @@ class Clock(Protocol):
 
     def now(self) -> datetime: ...
 
-    async def sleep(self, seconds: float) -> None: ...
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Wait until ``seconds`` have passed on this clock."""
+        ...
 
 
 class SystemClock:
@@ -24,8 +27,8 @@ class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        return asyncio.sleep(seconds)
 
 
 class ManualClock:
@@ -43,14 +46,15 @@ class ManualClock:
     def now(self) -> datetime:
         return self._now
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        # registered at the call, not when the caller first awaits: an advance() in between
+        # must wake it
         if seconds <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         deadline = self._now + timedelta(seconds=seconds)
         heapq.heappush(self._sleepers, (deadline, next(self._seq), fut))
-        await fut
+        return fut
 
     @property
     def sleepers(self) -> int:

@@ -79,6 +79,21 @@ class Delayer:
         self._stopping = False
         self._added = self._completed = self._retried = self._dropped = 0
         self._ticked = asyncio.Event()
+        self._poked = asyncio.Event()
+        self._failed = False
+
+    @property
+    def takeover_after(self) -> float:
+        """Seconds of silence of the active process after which a standby takes over."""
+        return self.role.takeover_after
+
+    @takeover_after.setter
+    def takeover_after(self, seconds: float) -> None:
+        self.role.takeover_after = seconds
+
+    def poke(self) -> None:
+        """A state was delayed in this process: load it now rather than at the next tick."""
+        self._poked.set()
 
     def stats(self) -> DelayerStats:
         return DelayerStats(
@@ -112,14 +127,33 @@ class Delayer:
         await self._ticked.wait()
 
     async def _run(self) -> None:
-        clock = self.engine.clock
         while not self._stopping:
+            self._poked.clear()
             try:
                 await self.tick()
             except Exception:
+                self._failed = True
                 log.exception("delayer tick failed; retrying next tick")
             self._ticked.set()
-            await clock.sleep(self.interval)
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        """Until the next tick: ``interval`` at most, less when a pending state falls due
+        sooner, cut short by :meth:`poke`."""
+        seconds = self.interval
+        if self._pending and not self._failed:
+            due = min(d.execute_at for d in self._pending.values())
+            seconds = min(seconds, max((due - self.engine.clock.now()).total_seconds(), 0.0))
+        self._failed = False
+        if self._poked.is_set():
+            return
+        sleep = asyncio.ensure_future(self.engine.clock.sleep(seconds))  # registers now
+        poked = asyncio.ensure_future(self._poked.wait())
+        try:
+            await asyncio.wait((sleep, poked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            poked.cancel()
 
     async def tick(self) -> None:
         """Settle the role; if active, load new delayed states and fire the due ones."""
@@ -174,6 +208,7 @@ class Delayer:
                 await self._fire(delayed)
             except Exception:
                 self._retried += 1
+                self._failed = True
                 log.exception("firing delayed state %r failed; retrying", delayed.state.id)
                 return
             del self._pending[offset]

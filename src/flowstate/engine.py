@@ -196,6 +196,8 @@ class Engine:
     async def _commit(self, cmd: CommitCmd) -> None:
         perform.check_commit(cmd)
         await self.driver.commit(cmd)
+        if self.delayer is not None and any(isinstance(c, DelayCmd) for c in cmd.commands):
+            self.delayer.poke()
 
     async def _execute_cmd(self, cmd: ExecuteCmd) -> None:
         if cmd.sync:
@@ -241,6 +243,8 @@ class Engine:
         delayed = perform.prepare_delay(cmd, self.clock.now())
         delayed.offset = await self.driver.delay(delayed)
         cmd.result = delayed
+        if self.delayer is not None:
+            self.delayer.poke()
 
     async def _store_data(self, cmd: StoreDataCmd) -> None:
         data = perform.prepare_store_data(cmd)

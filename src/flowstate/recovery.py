@@ -142,6 +142,16 @@ class Recoverer:
         self._added = self._completed = self._retried = self._dropped = self._committed = 0
         self._ticked = asyncio.Event()
 
+    @property
+    def takeover_after(self) -> float:
+        """Seconds of silence of the active process after which a standby takes over (while
+        there is work)."""
+        return self.role.takeover_after
+
+    @takeover_after.setter
+    def takeover_after(self, seconds: float) -> None:
+        self.role.takeover_after = seconds
+
     def stats(self) -> RecoveryStats:
         return RecoveryStats(
             self.role.active,

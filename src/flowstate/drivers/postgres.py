@@ -59,6 +59,9 @@ T = TypeVar("T")
 
 _COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
 _HORIZON = "(SELECT pg_snapshot_xmin(pg_current_snapshot()))"
+_HEAD_SQL = f"SELECT max(rev) FROM flowstate_states WHERE xid < {_HORIZON}"
+#: How long a read waits for this driver's own latest commit to become visible.
+CATCH_UP_LIMIT = 2.0
 _CONNECTION_ERRORS = (
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
@@ -169,6 +172,8 @@ class PostgresDriver(Driver):
         self._waiters = 0
         self._poller: asyncio.Task[None] | None = None
         self._closing = False
+        self._own_rev = 0  # the highest rev this driver committed
+        self._seen_head = 0  # a head rev known to be visible
 
     # lifecycle
 
@@ -379,6 +384,7 @@ class PostgresDriver(Driver):
         outcome = await self._write(run)
         outcome.apply()
         if outcome.max_rev:
+            self._own_rev = max(self._own_rev, outcome.max_rev)
             self.notifier.notify(outcome.max_rev)
 
     async def get_state(self, state_id: str, rev: int) -> State:
@@ -388,7 +394,28 @@ class PostgresDriver(Driver):
         return await self._read(lambda conn: _get_state_by_labels(conn, labels))
 
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
-        return await self._read(lambda conn: _get_states(conn, cmd))
+        own = self._own_rev
+
+        async def run(conn: asyncpg.Connection) -> GetStatesResult:
+            if own > self._seen_head:
+                await self._catch_up(conn, own)
+            return await _get_states(conn, cmd)
+
+        return await self._read(run)
+
+    async def _catch_up(self, conn: asyncpg.Connection, rev: int) -> None:
+        """Read your own writes: wait (briefly) until ``rev``, committed by this driver, is
+        below the read horizon, i.e. until transactions that took lower revs have finished."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CATCH_UP_LIMIT
+        while True:
+            head = int(await conn.fetchval(_HEAD_SQL) or 0)
+            if head >= rev:
+                self._seen_head = max(self._seen_head, head)
+                return
+            if loop.time() > deadline:
+                return  # an unrelated long transaction: deliver what is safe now
+            await asyncio.sleep(0.001)
 
     async def delay(self, delayed: DelayedState) -> int:
         async def run(conn: asyncpg.Connection) -> int:
@@ -424,8 +451,7 @@ class PostgresDriver(Driver):
 
     async def head_rev(self) -> int:
         async def run(conn: asyncpg.Connection) -> int:
-            sql = f"SELECT max(rev) FROM flowstate_states WHERE xid < {_HORIZON}"
-            return int(await conn.fetchval(sql) or 0)
+            return int(await conn.fetchval(_HEAD_SQL) or 0)
 
         return await self._read(run)
 
