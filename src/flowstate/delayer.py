@@ -16,7 +16,6 @@ is harmless with ``commit`` because its commit fails on rev.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from flowstate.commands import DelayedState, commit, execute, get_delayed_states, transit
 from flowstate.errors import RevMismatchError
-from flowstate.roles import Role
+from flowstate.roles import RoleWorker
 from flowstate.state import DELAY_COMMIT
 
 if TYPE_CHECKING:
@@ -55,8 +54,10 @@ class DelayerStats:
     tail: int
 
 
-class Delayer:
+class Delayer(RoleWorker):
     """Fires delayed states on time. Started by the Engine (``delayer=True``)."""
+
+    name = "delayer"
 
     def __init__(
         self,
@@ -66,30 +67,16 @@ class Delayer:
         takeover_after: float = 180.0,
         heartbeat: float = 60.0,
     ) -> None:
-        self.engine = engine
-        self.interval = interval
+        super().__init__(engine, META_ID, interval, takeover_after)
         self.heartbeat = heartbeat
-        self.role = Role(engine, META_ID, takeover_after)
         self._pending: dict[int, DelayedState] = {}
         self._fired: set[int] = set()
         self._watermark = 0
         self._loaded = 0
         self._stored: tuple[int, str] = (0, "")
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._added = self._completed = self._retried = self._dropped = 0
-        self._ticked = asyncio.Event()
         self._poked = asyncio.Event()
         self._failed = False
-
-    @property
-    def takeover_after(self) -> float:
-        """Seconds of silence of the active process after which a standby takes over."""
-        return self.role.takeover_after
-
-    @takeover_after.setter
-    def takeover_after(self, seconds: float) -> None:
-        self.role.takeover_after = seconds
 
     def poke(self) -> None:
         """A state was delayed in this process: load it now rather than at the next tick."""
@@ -107,35 +94,19 @@ class Delayer:
             self._watermark,
         )
 
-    async def start(self) -> None:
-        await self.role.start({OFFSET: "0", FIRED: ""})
-        self._reset()
-        self._task = asyncio.create_task(self._run(), name="flowstate-delayer")
+    async def tick(self) -> None:
+        """Settle the role; if active, load new delayed states and fire the due ones."""
+        self._poked.clear()
+        if await self.role.check(has_work=await self._work_waiting()):
+            self._reset()
+        if not self.role.active:
+            return
+        await self._load()
+        await self._fire_due()
+        await self._store_progress()
 
-    async def shutdown(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.role.release(self._progress())
-
-    async def wait_tick(self) -> None:
-        """Wait for the next completed tick (for tests and tools)."""
-        self._ticked.clear()
-        await self._ticked.wait()
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self._poked.clear()
-            try:
-                await self.tick()
-            except Exception:
-                self._failed = True
-                log.exception("delayer tick failed; retrying next tick")
-            self._ticked.set()
-            await self._sleep()
+    def _tick_failed(self) -> None:
+        self._failed = True
 
     async def _sleep(self) -> None:
         """Until the next tick: ``interval`` at most, less when a pending state falls due
@@ -154,16 +125,6 @@ class Delayer:
         finally:
             sleep.cancel()
             poked.cancel()
-
-    async def tick(self) -> None:
-        """Settle the role; if active, load new delayed states and fire the due ones."""
-        if await self.role.check(has_work=await self._work_waiting()):
-            self._reset()
-        if not self.role.active:
-            return
-        await self._load()
-        await self._fire_due()
-        await self._store_progress()
 
     def _reset(self) -> None:
         ann = self.role.annotations

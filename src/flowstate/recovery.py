@@ -9,8 +9,6 @@ annotations, set with the functions of this module.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,7 +17,7 @@ from typing import TYPE_CHECKING
 from flowstate.commands import commit, execute, get_states, park, transit
 from flowstate.errors import RevMismatchError
 from flowstate.gotime import format_duration, parse_duration
-from flowstate.roles import Role
+from flowstate.roles import RoleWorker
 from flowstate.state import ENDED, STATE_ANNOTATION, State, StateCtx, is_system, parked
 
 if TYPE_CHECKING:
@@ -113,13 +111,15 @@ class _Tracked:
     retry_at: datetime
 
 
-class Recoverer:
+class Recoverer(RoleWorker):
     """Follows the log and retries stalled states. Started by the Engine (``recovery=True``).
 
     Only the active process (see :mod:`flowstate.roles`) retries; it stores where to resume
     (``flowstate.recovery.since_rev`` on ``flowstate.recovery.meta``) so that a restart, or a
     standby taking over, reads only the part of the log that may hold unfinished states.
     """
+
+    name = "recoverer"
 
     def __init__(
         self,
@@ -129,28 +129,13 @@ class Recoverer:
         takeover_after: float = 360.0,
         meta_every: float = 300.0,
     ) -> None:
-        self.engine = engine
-        self.interval = interval
+        super().__init__(engine, META_ID, interval, takeover_after)
         self.meta_every = meta_every
-        self.role = Role(engine, META_ID, takeover_after)
         self._cursor = 0
         self._head = 0
         self._tracked: dict[str, _Tracked] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._stored_since = 0
         self._added = self._completed = self._retried = self._dropped = self._committed = 0
-        self._ticked = asyncio.Event()
-
-    @property
-    def takeover_after(self) -> float:
-        """Seconds of silence of the active process after which a standby takes over (while
-        there is work)."""
-        return self.role.takeover_after
-
-    @takeover_after.setter
-    def takeover_after(self, seconds: float) -> None:
-        self.role.takeover_after = seconds
 
     def stats(self) -> RecoveryStats:
         return RecoveryStats(
@@ -164,36 +149,6 @@ class Recoverer:
             self._committed,
         )
 
-    async def start(self) -> None:
-        await self.role.start({SINCE_REV: "0"})
-        self._reset()
-        self._task = asyncio.create_task(self._run(), name="flowstate-recoverer")
-
-    async def shutdown(self) -> None:
-        """Stop ticking; the active process stores its progress and frees the role."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.role.release({SINCE_REV: str(self._next_since())})
-
-    async def wait_tick(self) -> None:
-        """Wait for the next completed tick (for tests and tools)."""
-        self._ticked.clear()
-        await self._ticked.wait()
-
-    async def _run(self) -> None:
-        clock = self.engine.clock
-        while not self._stopping:
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("recovery tick failed; retrying next tick")
-            self._ticked.set()
-            await clock.sleep(self.interval)
-
     async def tick(self) -> None:
         """Read new commits, settle the role, and (if active) retry what is due."""
         await self._read()
@@ -204,6 +159,9 @@ class Recoverer:
             return
         await self._retry_due()
         await self._store_progress()
+
+    def _progress(self) -> dict[str, str]:
+        return {SINCE_REV: str(self._next_since())}
 
     def _reset(self) -> None:
         self._stored_since = int(self.role.annotations.get(SINCE_REV, "0") or 0)

@@ -9,7 +9,9 @@ claim is an optimistic commit on the meta state, so at most one claimant wins.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,8 @@ ROLE = "state"
 ACTIVE = "active"
 INACTIVE = "inactive"
 RECOVERY_ENABLED = "flowstate.recovery.enabled"
+
+log = logging.getLogger("flowstate")
 
 
 class Role:
@@ -123,3 +127,76 @@ class Role:
             return False
         self.meta = ctx
         return True
+
+
+class RoleWorker:
+    """A loop in every process that does its work only while it holds the :class:`Role` of
+    ``meta_id``: ticks every ``interval`` seconds of the engine's clock, stores its progress
+    on the meta state, and releases the role on shutdown. Subclasses define :meth:`tick`,
+    :meth:`_reset` (load progress from the meta state) and :meth:`_progress`."""
+
+    name = "worker"
+
+    def __init__(self, engine: Engine, meta_id: str, interval: float, takeover_after: float):
+        self.engine = engine
+        self.interval = interval
+        self.role = Role(engine, meta_id, takeover_after)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ticked = asyncio.Event()
+
+    @property
+    def takeover_after(self) -> float:
+        """Seconds of silence of the active process after which a standby takes over (while
+        there is work waiting)."""
+        return self.role.takeover_after
+
+    @takeover_after.setter
+    def takeover_after(self, seconds: float) -> None:
+        self.role.takeover_after = seconds
+
+    async def start(self) -> None:
+        """Claim the role or stand by, then start ticking."""
+        await self.role.start(self._progress())
+        self._reset()
+        self._task = asyncio.create_task(self._run(), name=f"flowstate-{self.name}")
+
+    async def shutdown(self) -> None:
+        """Stop ticking; the active process stores its progress and frees the role."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.role.release(self._progress())
+
+    async def wait_tick(self) -> None:
+        """Wait for the next completed tick (for tests and tools)."""
+        self._ticked.clear()
+        await self._ticked.wait()
+
+    async def tick(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _progress(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.tick()
+            except Exception:
+                self._tick_failed()
+                log.exception("%s tick failed; retrying next tick", self.name)
+            self._ticked.set()
+            await self._sleep()
+
+    def _tick_failed(self) -> None:
+        pass
+
+    async def _sleep(self) -> None:
+        await self.engine.clock.sleep(self.interval)
