@@ -1,7 +1,7 @@
 """Bad input gets a precise error naming the field, and never changes the store or the ctxs.
 
-Every test runs on the memory and the SQLite driver, against a store that already holds a few
-versions; "unchanged" compares the whole log and the delayed states before and after, and the
+Every test runs on the memory, SQLite and PostgreSQL drivers, against a store that already
+holds a few versions; "unchanged" compares the whole log and the delayed states before and after, and the
 callers' ctxs (current, committed, transitions, datas).
 """
 
@@ -21,12 +21,17 @@ import flowstate as fs
 FAR_FUTURE = datetime(2200, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[fs.Engine]:
     if request.param == "memory":
         driver: fs.Driver = fs.MemoryDriver()
-    else:
+    elif request.param == "sqlite":
         driver = fs.SqliteDriver(tmp_path / "bad.db")
+    else:
+        from tests import pgutil
+
+        pgutil.require()
+        driver = fs.PostgresDriver(pgutil.dsn_for(pgutil.new_schema()))
     async with fs.Engine(driver, fs.FlowRegistry(), recovery=False, delayer=False) as eng:
         a = fs.StateCtx(current=fs.State(id="a", labels={"kind": "seed"}))
         b = fs.StateCtx(current=fs.State(id="b", annotations={"x": "1"}))
@@ -405,3 +410,61 @@ async def test_invalid_later_sub_command_changes_nothing(
     probe.current.annotations["flowstate.data.d"] = "1"
     with pytest.raises(fs.DataNotFoundError):
         await engine.do(fs.get_data(probe, "d"))
+
+
+# ---------------------------------------------------------------------------------------------
+# text a store cannot keep, numbers out of range
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ("id", "current.id"),
+        ("label key", "current.labels"),
+        ("label value", "current.labels['k']"),
+        ("annotation value", "current.annotations['k']"),
+        ("flow", "current.transition.to"),
+    ],
+)
+async def test_nul_characters_are_refused(engine: fs.Engine, where: str, field: str) -> None:
+    ctx = new("nul")
+    to = "flow"
+    if where == "id":
+        ctx.current.id = "nul\x00id"
+    elif where == "label key":
+        ctx.current.labels["k\x00"] = "v"
+    elif where == "label value":
+        ctx.current.labels["k"] = "v\x00"
+    elif where == "annotation value":
+        ctx.current.annotations["k"] = "\x00"
+    else:
+        to = "fl\x00ow"
+    async with unchanged(engine, ctx):
+        with pytest.raises(fs.ValidationError) as info:
+            await engine.do(fs.commit(fs.transit(ctx, to)))
+        assert info.value.field == f"commands[0].{field}"
+        with pytest.raises(fs.ValidationError) as info:
+            await engine.do(fs.delay(ctx, to, 60))
+        assert info.value.field == field
+
+
+async def test_out_of_range_numbers(engine: fs.Engine) -> None:
+    async with unchanged(engine):
+        for cmd, field in (
+            (fs.get_states(limit=2**63), "limit"),
+            (fs.get_states(since_rev=2**64), "since_rev"),
+            (fs.get_state_by_id(fs.StateCtx(), "a", rev=2**63), "rev"),
+            (fs.get_delayed_states(until=FAR_FUTURE, offset=2**63), "offset"),
+            (fs.get_delayed_states(until=FAR_FUTURE, limit=10**9), "limit"),
+        ):
+            with pytest.raises(fs.ValidationError) as info:
+                await engine.do(cmd)
+            assert info.value.field == field
+
+
+async def test_delay_of_a_state_without_id(engine: fs.Engine) -> None:
+    ctx = new("")
+    async with unchanged(engine, ctx):
+        with pytest.raises(fs.ValidationError) as info:
+            await engine.do(fs.delay(ctx, "flow", 60))
+        assert info.value.field == "current.id"

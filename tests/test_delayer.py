@@ -40,6 +40,7 @@ async def test_fires_when_due_and_not_before(store: Callable[[], fs.Driver]) -> 
         assert runs == []
         await ticks(c.clock, engine.delayer, 3)
         await until(lambda: len(runs) == 1, "the firing")
+        await until(lambda: _parked_ok(engine, "d1"), "the flow to park")
         sid, was_delayed, rev = runs[0]
         assert (sid, was_delayed) == ("d1", True)
         versions = await history(engine, "d1")

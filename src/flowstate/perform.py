@@ -87,6 +87,11 @@ def unstack(cmd: UnstackCmd) -> None:
     cmd.carrier.current.annotations[name] = ""
 
 
+#: The largest page a query may ask for.
+MAX_LIMIT = 1_000_000
+_INT64_MAX = 2**63 - 1
+
+
 def check_committable(ctx: StateCtx) -> None:
     """Validate the state a commit is about to store."""
     state = ctx.current
@@ -94,11 +99,25 @@ def check_committable(ctx: StateCtx) -> None:
         raise ValidationError("current.id", "state id empty")
     if not isinstance(state.id, str):
         raise ValidationError("current.id", "state id must be a string")
+    check_text(state.id, "current.id")
     check_map(state.labels, "current.labels")
     check_map(state.annotations, "current.annotations")
     check_map(state.transition.annotations, "current.transition.annotations")
     if not isinstance(state.transition.to, str):
         raise ValidationError("current.transition.to", "must be a string")
+    check_text(state.transition.to, "current.transition.to")
+
+
+def check_text(value: str, field: str) -> None:
+    """Text the stores keep must not contain NUL (PostgreSQL cannot store it; we refuse it on
+    every driver so that a store can move between drivers)."""
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain a NUL character")
+
+
+def check_int64(value: object, field: str, low: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= _INT64_MAX:
+        raise ValidationError(field, f"must be an integer in {low}..{_INT64_MAX}")
 
 
 def check_map(values: Mapping[str, str], field: str) -> None:
@@ -110,6 +129,8 @@ def check_map(values: Mapping[str, str], field: str) -> None:
             raise ValidationError(
                 f"{field}[{key!r}]", f"value must be a string, got {type(value).__name__}"
             )
+        check_text(key, field)
+        check_text(value, f"{field}[{key!r}]")
 
 
 def check_commit(cmd: CommitCmd) -> None:
@@ -135,27 +156,36 @@ def check_get_state_by_id(cmd: GetStateByIdCmd) -> None:
         raise ValidationError("id", "id is empty")
     if not isinstance(cmd.rev, int) or cmd.rev < 0:
         raise ValidationError("rev", "rev must be >= 0")
+    check_int64(cmd.rev, "rev")
+    check_text(cmd.id, "id")
 
 
 def normalize_get_states(cmd: GetStatesCmd) -> None:
     """Validate a query and apply the defaults (limit 0 means 50)."""
-    if not isinstance(cmd.limit, int) or cmd.limit < 0:
-        raise ValidationError("limit", "limit must be >= 0")
+    _check_limit(cmd.limit)
     if cmd.limit == 0:
         cmd.limit = DEFAULT_STATES_LIMIT
     if not isinstance(cmd.since_rev, int) or cmd.since_rev < -1:
         raise ValidationError("since_rev", "since_rev must be >= 0, or -1 for since latest")
+    check_int64(cmd.since_rev, "since_rev", -1)
     for i, labels in enumerate(cmd.labels):
         check_map(labels, f"labels[{i}]")
 
 
-def normalize_get_delayed_states(cmd: GetDelayedStatesCmd, now: datetime) -> None:
-    if not isinstance(cmd.limit, int) or cmd.limit < 0:
+def _check_limit(limit: object) -> None:
+    if not isinstance(limit, int) or limit < 0:
         raise ValidationError("limit", "limit must be >= 0")
+    if limit > MAX_LIMIT:
+        raise ValidationError("limit", f"limit must be <= {MAX_LIMIT:,}; page with since_rev")
+
+
+def normalize_get_delayed_states(cmd: GetDelayedStatesCmd, now: datetime) -> None:
+    _check_limit(cmd.limit)
     if cmd.limit == 0:
         cmd.limit = DEFAULT_DELAYED_LIMIT
-    if cmd.offset < 0:
+    if not isinstance(cmd.offset, int) or cmd.offset < 0:
         raise ValidationError("offset", "offset must be >= 0")
+    check_int64(cmd.offset, "offset")
     if cmd.until is None:
         cmd.until = now
 
@@ -230,4 +260,5 @@ def prepare_delay(cmd: DelayCmd, now: datetime) -> DelayedState:
         annotations[DELAY_COMMIT] = "false"
     state: State = cmd.ctx.current.copy()
     state.transition = Transition(cmd.to, annotations)
+    check_committable(StateCtx(current=state))  # the delayer will commit it
     return DelayedState(state, at, 0)
