@@ -1,8 +1,8 @@
 """Bad input gets a precise error naming the field, and never changes the store or the ctxs.
 
 Every test runs on the memory, SQLite and PostgreSQL drivers, against a store that already
-holds a few versions; "unchanged" compares the whole log and the delayed states before and after, and the
-callers' ctxs (current, committed, transitions, datas).
+holds a few versions; "unchanged" compares the whole log and the delayed states before and
+after, and the callers' ctxs (current, committed, transitions, datas).
 """
 
 from __future__ import annotations
