@@ -79,7 +79,7 @@ async def test_demo_default_store_is_reset_in_cwd(
 
 
 def test_demo_script_quick_start(tmp_path: Path) -> None:
-    for _ in range(2):  # the README's first command may be run again
+    for _ in range(2):  # a second run finds the store of the first
         done = subprocess.run(
             [sys.executable, str(EXAMPLES / "demo.py")],
             cwd=tmp_path,

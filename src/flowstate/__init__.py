@@ -4,6 +4,8 @@ A flow takes a state, does its work and returns a command; the engine carries ou
 commits states with optimistic concurrency, and lets anyone watch the stream of changes.
 """
 
+from typing import TYPE_CHECKING
+
 from flowstate import recovery
 from flowstate.clock import Clock, ManualClock, SystemClock
 from flowstate.commands import (
@@ -67,6 +69,9 @@ from flowstate.recovery import Recoverer, RecoveryStats
 from flowstate.state import State, StateCtx, Transition, delayed, ended, is_system, parked
 from flowstate.urls import open_driver
 
+if TYPE_CHECKING:
+    from flowstate.drivers.net import NetDriver
+
 __all__ = [
     "Clock",
     "Command",
@@ -95,6 +100,7 @@ __all__ = [
     "GetStatesResult",
     "ManualClock",
     "MemoryDriver",
+    "NetDriver",
     "NoopCmd",
     "NotFoundError",
     "ParkCmd",
@@ -139,3 +145,12 @@ __all__ = [
     "transit",
     "unstack",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # NetDriver pulls in the HTTP client: imported on first use, not with flowstate
+    if name == "NetDriver":
+        from flowstate.drivers.net import NetDriver
+
+        return NetDriver
+    raise AttributeError(f"module 'flowstate' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from flowstate.commands import DelayedState, commit, execute, get_delayed_states, transit
 from flowstate.errors import RevMismatchError
-from flowstate.roles import RoleWorker
+from flowstate.roles import RoleWorker, in_batches
 from flowstate.state import DELAY_COMMIT
 
 if TYPE_CHECKING:
@@ -161,19 +161,17 @@ class Delayer(RoleWorker):
 
     async def _fire_due(self) -> None:
         now = self.engine.clock.now()
-        for offset in sorted(self._pending):
-            delayed = self._pending[offset]
-            if delayed.execute_at > now:
-                continue
-            try:
-                await self._fire(delayed)
-            except Exception:
+        due = [d for _, d in sorted(self._pending.items()) if d.execute_at <= now]
+        for delayed, error in await in_batches(due, self._fire):
+            if error is not None:
                 self._retried += 1
                 self._failed = True
-                log.exception("firing delayed state %r failed; retrying", delayed.state.id)
-                return
-            del self._pending[offset]
-            self._fired.add(offset)
+                log.error(
+                    "firing delayed state %r failed; retrying", delayed.state.id, exc_info=error
+                )
+                continue  # stays pending
+            del self._pending[delayed.offset]
+            self._fired.add(delayed.offset)
         self._watermark = min(self._pending) - 1 if self._pending else self._loaded
         self._fired = {o for o in self._fired if o > self._watermark}
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from flowstate.commands import commit, execute, get_states, park, transit
 from flowstate.errors import RevMismatchError
 from flowstate.gotime import format_duration, parse_duration
-from flowstate.roles import RoleWorker
+from flowstate.roles import RoleWorker, in_batches
 from flowstate.state import ENDED, STATE_ANNOTATION, State, StateCtx, is_system, parked
 
 if TYPE_CHECKING:
@@ -111,6 +111,10 @@ class _Tracked:
     retry_at: datetime
 
 
+def _by_rev(tracked: _Tracked) -> int:
+    return tracked.state.rev
+
+
 class Recoverer(RoleWorker):
     """Follows the log and retries stalled states. Started by the Engine (``recovery=True``).
 
@@ -192,10 +196,15 @@ class Recoverer(RoleWorker):
 
     async def _retry_due(self) -> None:
         now = self.engine.clock.now()
-        due = [t for t in self._tracked.values() if t.retry_at <= now]
-        for item in sorted(due, key=lambda t: t.state.rev):
-            await self._retry(item.state)  # errors leave it tracked: retried next tick
-            self._tracked.pop(item.state.id, None)
+        due = sorted((t for t in self._tracked.values() if t.retry_at <= now), key=_by_rev)
+        failed: BaseException | None = None
+        for item, error in await in_batches(due, lambda t: self._retry(t.state)):
+            if error is None:
+                self._tracked.pop(item.state.id, None)
+            else:
+                failed = failed or error  # it stays tracked: retried next tick
+        if failed is not None:
+            raise failed
 
     async def _retry(self, state: State) -> None:
         n = attempt(state) + 1

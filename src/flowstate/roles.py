@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from flowstate.commands import commit, get_state_by_id, park
 from flowstate.errors import NotFoundError, RevMismatchError
@@ -28,6 +28,32 @@ INACTIVE = "inactive"
 RECOVERY_ENABLED = "flowstate.recovery.enabled"
 
 log = logging.getLogger("flowstate")
+
+T = TypeVar("T")
+
+#: How many retries or firings a worker runs at once.
+BATCH = 32
+
+
+async def in_batches(
+    items: Sequence[T], fn: Callable[[T], Awaitable[object]], size: int = BATCH
+) -> list[tuple[T, BaseException | None]]:
+    """Run ``fn`` on ``items``, ``size`` at a time; stop after the first batch with a failure.
+    Returns (item, exception or None) for every item that ran."""
+    done: list[tuple[T, BaseException | None]] = []
+    for start in range(0, len(items), size):
+        batch = items[start : start + size]
+        results = await asyncio.gather(*(fn(item) for item in batch), return_exceptions=True)
+        failed = False
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            error = result if isinstance(result, BaseException) else None
+            failed = failed or error is not None
+            done.append((item, error))
+        if failed:
+            break
+    return done
 
 
 class Role:

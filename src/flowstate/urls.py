@@ -13,7 +13,8 @@ def open_driver(url: str) -> Driver:
 
     ``memory://``; ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (three
     slashes and a relative path, four for an absolute one, as in SQLAlchemy);
-    ``postgresql://user@host:5432/db?schema=name``.
+    ``postgresql://user@host:5432/db?schema=name``; ``http://host:8080`` (a flowstate server,
+    through :class:`~flowstate.drivers.net.NetDriver`).
     """
     parsed = urlparse(url)
     if parsed.scheme == "memory":
@@ -35,6 +36,11 @@ def open_driver(url: str) -> Driver:
         from flowstate.drivers.postgres import PostgresDriver
 
         return PostgresDriver(url)
+    if parsed.scheme in ("http", "https"):
+        from flowstate.drivers.net import NetDriver
+
+        return NetDriver(url)
     raise ValidationError(
-        "url", f"unsupported store url {url!r} (memory://, sqlite:///path, postgresql://...)"
+        "url",
+        f"unsupported store url {url!r} (memory://, sqlite:///path, postgresql://..., http://host:port)",
     )

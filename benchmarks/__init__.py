@@ -1,0 +1,1 @@
+"""flowstate benchmarks (issue 4). Run them with ``python -m benchmarks.run`` from the repo root."""

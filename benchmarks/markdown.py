@@ -1,0 +1,142 @@
+"""Compact Markdown tables from a results JSON (for the README and docs/performance.md).
+
+.venv/bin/python -m benchmarks.markdown docs/bench/bench.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from benchmarks.common import BACKENDS
+from benchmarks.run import CONCS, _fmt_ms, _fmt_n, _res
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(headers) - 1)
+    return [_row(headers), _row(align)] + [_row(r) for r in rows]
+
+
+def _cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "-"
+    if not base:
+        return _fmt_n(value)
+    return f"{_fmt_n(value)} ({value / base:.2f}x)"
+
+
+def render(report: dict[str, Any]) -> str:
+    recs, meta, an = report["records"], report["meta"], report["analysis"]
+    backends = meta["backends"]
+    out = [
+        f"Run {meta['started']}, {meta['cpus']} CPUs, Python {meta['python']}, "
+        f"load average at start {meta['loadavg']}; {meta['config']['duration']} s per point.",
+        "",
+        "Commits/s, `engine.do(commit(park(ctx)))`, one state per worker; in brackets the ratio "
+        "to the limit below it (same store, same concurrency).",
+        "",
+    ]
+    rows = []
+    for b in backends:
+        by = {r["conc"]: r for r in an["commit"] if r["backend"] == b}
+        rows.append(
+            [f"**{BACKENDS[b]}**"]
+            + [
+                _cell(by[c]["engine_per_s"], by[c]["limit_per_s"]) if c in by else "-"
+                for c in CONCS
+            ]
+        )
+        kind = by[CONCS[0]]["limit_kind"] if CONCS[0] in by else "-"
+        rows.append(
+            [f"limit: {kind}"] + [_fmt_n(by[c]["limit_per_s"]) if c in by else "-" for c in CONCS]
+        )
+        if b == "postgres":
+            rows.append(
+                ["limit: asyncpg BEGIN/UPDATE/INSERT/COMMIT"]
+                + [_fmt_n(by[c]["limit_tx_per_s"]) if c in by else "-" for c in CONCS]
+            )
+    out += _table(["store", *(f"conc {c}" for c in CONCS)], rows)
+
+    out += [
+        "",
+        "3-step flow (a commit at every step), flows/s; in brackets us / DBOS 3-step "
+        "workflows/s on the same store, same N and concurrency.",
+        "",
+    ]
+    rows = []
+    for b in backends:
+        by = {r["conc"]: r for r in an["flows"] if r["backend"] == b}
+        rows.append(
+            [BACKENDS[b]]
+            + [
+                _cell(by[c]["flows_per_s"], by[c]["dbos_flows_per_s"]) if c in by else "-"
+                for c in CONCS
+            ]
+        )
+    for s in ("sqlite", "postgres"):
+        r = _res(recs, "dbos", f"dbos-{s}")
+        if r:
+            rows.append(
+                [f"DBOS {r.get('version', '')} on {s}"]
+                + [_fmt_n(r["by_conc"].get(str(c), {}).get("flows_per_s")) for c in CONCS]
+            )
+    out += _table(["store", *(f"conc {c}" for c in CONCS)], rows)
+
+    out += ["", "Latency and recovery (p99 unless noted).", ""]
+    rows = []
+    for b in backends:
+        w = _res(recs, "watch", b)
+        d = _res(recs, "delay", b)
+        r = _res(recs, "recovery", b)
+        c = _res(recs, "contention", b)
+        ws = _res(recs, "watchers", b)
+        rows.append(
+            [
+                BACKENDS[b],
+                _fmt_ms(w["p99_ms"]) if w else "-",
+                _fmt_ms(d["p99_ms"]) if d else "-",
+                f"{r['seconds']:.1f} s ({r['n']:,})" if r else "-",
+                f"{_fmt_n(c['per_s'])} ({c['conflict_rate'] * 100:.0f}%)" if c else "-",
+                f"{ws['bytes_per_watcher'] / 1024:.1f} KiB" if ws else "-",
+            ]
+        )
+    out += _table(
+        [
+            "store",
+            "watch, in-process",
+            "delay lateness",
+            "recovery",
+            "contention commits/s (conflicts)",
+            "RSS per idle watcher",
+        ],
+        rows,
+    )
+    x = _res(recs, "watch_xproc", "postgres")
+    if x:
+        out += [
+            "",
+            f"Watch across processes on PostgreSQL: p50 {_fmt_ms(x['p50_ms'])}, "
+            f"p99 {_fmt_ms(x['p99_ms'])}.",
+        ]
+    met = [t for t in an["targets"] if t["met"] is True]
+    missed = [t for t in an["targets"] if t["met"] is False]
+    out += ["", f"Targets: {len(met)} met, {len(missed)} missed."]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    with open(argv[1]) as f:
+        print(render(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,306 @@
+"""The ASGI app: the Driver and Flow services of flowstate.v1 over Connect unary, a health
+endpoint, a bearer token, CORS and a request size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Literal, TypeVar
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from flowstate.commands import execute
+from flowstate.drivers.base import Driver
+from flowstate.engine import Engine
+from flowstate.errors import FlowstateError, ValidationError
+from flowstate.flow import FlowRegistry
+from flowstate.server import connect
+from flowstate.server.connect import JSON, PROTO, WireErrorBody
+from flowstate.server.driver_service import METHODS, perform_method
+from flowstate.server.ui import UI, is_public
+from flowstate.wire import codec
+
+log = logging.getLogger("flowstate.server")
+
+DEFAULT_MAX_BODY = 16 * 2**20
+
+BodyKind = Literal["proto", "json"]
+T = TypeVar("T")
+
+#: Content types read as binary protobuf besides none at all (Go: anything but JSON is proto).
+_PROTO_TYPES = frozenset(
+    {PROTO, "application/protobuf", "application/x-protobuf", "application/octet-stream"}
+)
+
+
+class RequestError(Exception):
+    """A request rejected before it reached a service, with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = WireErrorBody(code, message)
+
+
+def body_kind(request: Request) -> BodyKind:
+    """JSON for ``application/json`` (parameters allowed), protobuf for none or a protobuf
+    type; anything else is refused with 415."""
+    header = request.headers.get("content-type")
+    if header is None or not header.strip():
+        return "proto"
+    base = header.split(";", 1)[0].strip().lower()
+    if base == JSON:
+        return "json"
+    if base in _PROTO_TYPES:
+        return "proto"
+    raise RequestError(
+        415, "invalid_argument", f"unsupported content type {header!r}: use {PROTO} or {JSON}"
+    )
+
+
+def reply_kind(request: Request) -> BodyKind:
+    """How to encode an error for this request: as it came, JSON if that is unknown."""
+    try:
+        return body_kind(request)
+    except RequestError:
+        return "json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 as soon as it exceeds ``limit`` bytes."""
+    too_large = RequestError(
+        413, "resource_exhausted", f"request body exceeds the limit of {limit} bytes"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise RequestError(400, "invalid_argument", "client disconnected mid-body") from None
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(415, "invalid_argument", f"unsupported content encoding {encoding!r}")
+    return bytes(body)
+
+
+def error_response(status: int, err: WireErrorBody, kind: BodyKind) -> Response:
+    media = JSON if kind == "json" else PROTO
+    return Response(connect.encode_error(err, json_body=kind == "json"), status, media_type=media)
+
+
+class _Runtime:
+    """The store driver (opened on first use) and the engine that serves the Flow service."""
+
+    def __init__(self, driver: Driver, flows: FlowRegistry | None, engine: Engine | None) -> None:
+        self.driver = driver
+        self.flows = flows
+        self._engine = engine
+        self._own_engine = False
+        self._opened = False
+        self._lock = asyncio.Lock()
+
+    async def store(self) -> Driver:
+        if not self._opened:
+            async with self._lock:
+                if not self._opened:
+                    await self.driver.open()
+                    self._opened = True
+        return self.driver
+
+    async def engine(self) -> Engine:
+        if self._engine is None:
+            async with self._lock:
+                if self._engine is None:
+                    flows = self.flows if self.flows is not None else FlowRegistry()
+                    engine = Engine(self.driver, flows, recovery=False, delayer=False)
+                    await engine.start()
+                    self._engine, self._own_engine = engine, True
+        return self._engine
+
+    async def close(self) -> None:
+        if self._own_engine and self._engine is not None:
+            await self._engine.shutdown()
+            self._engine, self._own_engine = None, False
+        if self._opened:
+            self._opened = False
+            await self.driver.close()
+
+
+class TokenGuard:
+    """Requires ``Authorization: Bearer <token>`` on every HTTP request."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not is_public(scope["path"]):
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, self.expected):
+                kind = reply_kind(Request(scope))
+                if not scope["path"].startswith("/flowstate.v1."):
+                    kind = "json"
+                message = "missing bearer token" if not given else "invalid bearer token"
+                response = error_response(401, WireErrorBody("unauthenticated", message), kind)
+                response.headers["WWW-Authenticate"] = 'Bearer realm="flowstate"'
+                if scope.get("http_version", "1.1").startswith("1"):
+                    response.headers["connection"] = "close"  # the body was not read
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    driver: Driver,
+    *,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    flows: FlowRegistry | None = None,
+    engine: Engine | None = None,
+) -> ASGIApp:
+    """The flowstate.v1 server for ``driver`` as an ASGI app.
+
+    The Driver service runs requests straight against ``driver``; the Flow service hands
+    states to ``engine`` (by default an engine over ``driver`` and ``flows``, created on the
+    first Flow request, without recoverer and delayer). With ``token`` every request must
+    carry it as a bearer token; ``cors_origins`` (``"*"`` for any) turns CORS on; request
+    bodies above ``max_body`` bytes are refused with 413.
+    """
+    if max_body <= 0:
+        raise ValidationError("max_body", "must be > 0")
+    if token is not None and not token:
+        raise ValidationError("token", "an empty token would accept anyone; pass None instead")
+    runtime = _Runtime(driver, flows, engine)
+    ui = UI(runtime.engine)
+
+    async def driver_method(request: Request) -> Response:
+        method = request.path_params["method"]
+        kind = reply_kind(request)
+        try:
+            body = await read_body(request, max_body)  # first: a refusal keeps the connection
+            body_kind(request)
+            if method not in METHODS:
+                raise RequestError(404, "unimplemented", f"no method {method!r} in Driver")
+            as_json = kind == "json"
+            cmd = _decode(codec.decode_command, body, as_json)
+            await perform_method(await runtime.store(), method, cmd)
+            payload = codec.encode_command(cmd, json=as_json)
+        except RequestError as exc:
+            return _rejected(request, exc, kind)
+        except Exception as exc:
+            return _failure(exc, kind, f"Driver/{method}")
+        return Response(payload, media_type=JSON if kind == "json" else PROTO)
+
+    async def flow_execute(request: Request) -> Response:
+        kind = reply_kind(request)
+        as_json = kind == "json"
+        try:
+            body = await read_body(request, max_body)
+            body_kind(request)
+            ctx = _decode(codec.decode_state_ctx, body, as_json)
+            if not ctx.current.id:
+                raise ValidationError("current.id", "state id empty")
+            if not ctx.current.transition.to:
+                raise ValidationError("current.transition.to", "flow id empty")
+            eng = await runtime.engine()
+            eng.registry.get_flow(ctx.current.transition.to)
+            await eng.do(execute(ctx))
+        except RequestError as exc:
+            return _rejected(request, exc, kind)
+        except Exception as exc:
+            return _failure(exc, kind, "Flow/Execute")
+        return Response(connect.noop_body(json_body=as_json), media_type=JSON if as_json else PROTO)
+
+    async def health(request: Request) -> Response:
+        try:
+            store = await runtime.store()
+            head = await asyncio.wait_for(store.head_rev(), 5.0)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
+        return JSONResponse({"status": "ok", "head_rev": head})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("404 page not found", 404)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.store()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    middleware = []
+    if cors_origins:
+        origins = ["*"] if "*" in cors_origins else list(cors_origins)
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                max_age=600,
+            )
+        )
+    if token is not None:
+        middleware.append(Middleware(TokenGuard, token=token))
+    app = Starlette(
+        routes=[
+            Route("/flowstate.v1.Driver/{method}", driver_method, methods=["POST"]),
+            Route(connect.FLOW_EXECUTE, flow_execute, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            *ui.routes(),
+        ],
+        middleware=middleware,
+        exception_handlers={404: not_found},
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.ui = ui
+    return app
+
+
+def _decode(decode: Callable[..., T], body: bytes, as_json: bool) -> T:
+    """Decode a request body; whatever goes wrong is the body's fault (400)."""
+    try:
+        return decode(body, json=as_json)
+    except ValidationError:
+        raise
+    except Exception as exc:
+        log.warning("decoder failed on a request body", exc_info=True)
+        raise ValidationError("body", f"malformed request: {type(exc).__name__}: {exc}") from None
+
+
+def _rejected(request: Request, exc: RequestError, kind: BodyKind) -> Response:
+    response = error_response(exc.status, exc.error, kind)
+    if exc.status == 413 and request.scope.get("http_version", "1.1").startswith("1"):
+        # The rest of the body was not read: the connection cannot carry another request.
+        response.headers["connection"] = "close"
+    return response
+
+
+def _failure(exc: Exception, kind: BodyKind, where: str) -> Response:
+    err = connect.error_of(exc)
+    status = connect.STATUS[err.code]
+    if status >= 500 and not isinstance(exc, FlowstateError):
+        log.error("%s failed", where, exc_info=exc)
+    return error_response(status, err, kind)

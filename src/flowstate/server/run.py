@@ -1,0 +1,389 @@
+"""Running the server: settings from arguments and the environment, hypercorn (HTTP/1.1 and
+h2c on one port), signals, and a background server for tests and embedding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from starlette.types import ASGIApp
+
+from flowstate.drivers.base import Driver
+from flowstate.engine import Engine
+from flowstate.errors import ValidationError
+from flowstate.flow import FlowRegistry
+from flowstate.server.app import DEFAULT_MAX_BODY, create_app
+from flowstate.urls import open_driver
+
+log = logging.getLogger("flowstate.server")
+
+DEFAULT_STORE = "sqlite:///flowstate.db"
+DEFAULT_ADDR = "127.0.0.1:8080"
+#: Seconds in-flight requests get to finish on shutdown (as the Go app).
+GRACE = 30.0
+
+
+@dataclass(slots=True)
+class Settings:
+    """Where the server listens, what it stores into and how it guards access."""
+
+    store: str = DEFAULT_STORE
+    addr: str = DEFAULT_ADDR
+    token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = DEFAULT_MAX_BODY
+    http_host: str = ""
+    demo: bool = False
+
+
+def settings(
+    store: str = DEFAULT_STORE,
+    addr: str = DEFAULT_ADDR,
+    *,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    demo: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Arguments completed by the environment (wire.md §10, plus ours).
+
+    An argument left at its default gives way to its variable: ``FLOWSTATE_DRIVER`` (with
+    ``FLOWSTATE_PGDRIVER_CONN_STRING``, ``FLOWSTATE_BADGERDRIVER_PATH`` and
+    ``FLOWSTATE_BADGERDRIVER_IN_MEMORY``) for the store, ``FLOWSTATE_ADDR``, and ours:
+    ``FLOWSTATE_STORE``, ``FLOWSTATE_TOKEN``, ``FLOWSTATE_CORS_ORIGINS`` (comma-separated),
+    ``FLOWSTATE_MAX_BODY``. ``FLOWSTATE_HTTP_HOST`` is the address advertised for remote flows
+    (default: derived from the listen address).
+    """
+    env = os.environ if env is None else env
+    if store == DEFAULT_STORE:
+        store = env.get("FLOWSTATE_STORE") or _store_from_go_env(env) or store
+    if addr == DEFAULT_ADDR and env.get("FLOWSTATE_ADDR"):
+        addr = env["FLOWSTATE_ADDR"]
+    if token is None:
+        token = env.get("FLOWSTATE_TOKEN") or None
+    if not cors_origins and env.get("FLOWSTATE_CORS_ORIGINS"):
+        cors_origins = [o.strip() for o in env["FLOWSTATE_CORS_ORIGINS"].split(",") if o.strip()]
+    if max_body == DEFAULT_MAX_BODY and env.get("FLOWSTATE_MAX_BODY"):
+        raw = env["FLOWSTATE_MAX_BODY"]
+        if not raw.isdigit() or int(raw) <= 0:
+            raise ValidationError("FLOWSTATE_MAX_BODY", f"{raw!r} is not a positive integer")
+        max_body = int(raw)
+    host, port = parse_addr(addr)
+    http_host = env.get("FLOWSTATE_HTTP_HOST") or _advertised(host, port)
+    return Settings(store, addr, token, tuple(cors_origins), max_body, http_host, demo)
+
+
+def _store_from_go_env(env: Mapping[str, str]) -> str | None:
+    kind = env.get("FLOWSTATE_DRIVER")
+    if not kind:
+        return None
+    if kind == "memdriver":
+        return "memory://"
+    if kind == "pgdriver":
+        dsn = env.get("FLOWSTATE_PGDRIVER_CONN_STRING", "")
+        if not dsn:
+            raise ValidationError("FLOWSTATE_PGDRIVER_CONN_STRING", "empty with pgdriver")
+        return dsn
+    if kind == "badgerdriver":
+        # No Badger here: its settings select the embedded store of this implementation.
+        if env.get("FLOWSTATE_BADGERDRIVER_IN_MEMORY", "").lower() == "true":
+            return "memory://"
+        directory = Path(env.get("FLOWSTATE_BADGERDRIVER_PATH") or "badgerdb")
+        return "sqlite:///" + str(directory / "flowstate.db")
+    raise ValidationError(
+        "FLOWSTATE_DRIVER", f"unknown driver {kind!r} (memdriver, badgerdriver or pgdriver)"
+    )
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port). An empty host or ``0`` means every interface, as in Go."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValidationError("addr", f"{addr!r}: expected host:port")
+    host = host.strip("[]")
+    if host in ("", "0"):
+        host = "0.0.0.0"
+    return host, int(port)
+
+
+def _advertised(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by connections
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def hypercorn_config(sock: socket.socket) -> Config:
+    """HTTP/1.1 and cleartext HTTP/2 (upgrade and prior knowledge) on ``sock``."""
+    config = Config()
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.graceful_timeout = GRACE
+    config.keep_alive_timeout = 75.0  # longer than clients keep idle connections (httpx: 5 s)
+    config.include_server_header = False
+    config.keep_alive_max_requests = 2**62  # never GOAWAY a busy h2 connection mid-flight
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve_app(
+    app: ASGIApp,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    *,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``app`` on the listening ``sock`` until ``stop`` is set."""
+    config = hypercorn_config(sock)
+    if ready is not None:
+        asyncio.get_running_loop().call_soon(ready)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        ui = getattr(getattr(app, "state", None), "ui", None)
+        if ui is not None:
+            ui.close()  # ends the UI's live streams: the graceful shutdown need not wait for them
+
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+def serve(
+    store: str = DEFAULT_STORE,
+    addr: str = DEFAULT_ADDR,
+    *,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    demo: bool = False,
+) -> None:
+    """Run the flowstate server until SIGINT or SIGTERM (a second signal exits at once).
+
+    Serves the Driver service on ``store``, the Flow service with an engine (recoverer and
+    delayer included) whose flows are advertised through the store, HTTP/1.1 and h2c.
+    """
+    s = settings(store, addr, token=token, cors_origins=cors_origins, max_body=max_body, demo=demo)
+    _json_logging()
+    asyncio.run(_serve(s))
+
+
+async def _serve(s: Settings) -> None:
+    stop = asyncio.Event()
+    _on_signals(stop)
+    sock = listen(*parse_addr(s.addr))
+    try:
+        await run_server(
+            _open_store(s.store),
+            sock,
+            http_host=s.http_host,
+            token=s.token,
+            cors_origins=s.cors_origins,
+            max_body=s.max_body,
+            demo=s.demo,
+            stop=stop,
+            store_name=_redact(s.store),
+        )
+    finally:
+        sock.close()
+
+
+async def run_server(
+    driver: Driver,
+    sock: socket.socket,
+    *,
+    http_host: str,
+    flows: Callable[[FlowRegistry], None] | None = None,
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    demo: bool = False,
+    stop: asyncio.Event | None = None,
+    store_name: str = "",
+) -> None:
+    """Serve ``driver`` on the listening ``sock`` until ``stop`` is set, as the Go app does:
+    store, then a flow registry shared through the store (``http_host`` is this server's
+    advertised address; ``flows`` registers the flows hosted here), then an engine with its
+    recoverer and delayer, then HTTP."""
+    from flowstate.netflow import NetFlowRegistry
+    from flowstate.server import demo as demo_flows
+
+    stop = stop or asyncio.Event()
+    registry = NetFlowRegistry(http_host, driver, token=token)
+    if flows is not None:
+        flows(registry)
+    if demo:
+        demo_flows.register(registry)
+    engine = Engine(driver, registry)
+    await engine.start()
+    try:
+        await registry.start()
+        app = create_app(
+            driver, token=token, cors_origins=cors_origins, max_body=max_body, engine=engine
+        )
+        bound = sock.getsockname()
+        log.info(
+            "serving %s on %s:%d (advertised as %s)%s",
+            store_name or type(driver).__name__,
+            bound[0],
+            bound[1],
+            http_host,
+            ", token required" if token else "",
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            if demo:
+                await stack.enter_async_context(demo_flows.running(engine))
+            await serve_app(app, sock, stop)
+    finally:
+        await registry.close()
+        await engine.shutdown()
+        log.info("stopped")
+
+
+def _open_store(store: str) -> Driver:
+    if "://" not in store and "=" in store:  # a key=value PostgreSQL DSN
+        from flowstate.drivers.postgres import PostgresDriver
+
+        return PostgresDriver(store)
+    if store.startswith("sqlite:///"):
+        parent = Path(store.removeprefix("sqlite:///")).parent
+        parent.mkdir(parents=True, exist_ok=True)
+    return open_driver(store)
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def first() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("shutting down (a second signal exits at once)")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, first)
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _json_logging() -> None:
+    """Logs as JSON lines on stdout, as the Go app writes them."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+class BackgroundServer:
+    """An ASGI app served by hypercorn on a real socket, from a thread with its own event loop.
+
+    For tests and for embedding a server into a program that is not asyncio::
+
+        server = BackgroundServer(create_app(MemoryDriver()))
+        url = server.start()
+        ...
+        server.stop()
+    """
+
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self._sock = listen(host, port)
+        bound = self._sock.getsockname()
+        self.url = f"http://{_advertised(host, bound[1]).split('//', 1)[1]}"
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start serving; returns the base URL (``http://127.0.0.1:PORT``)."""
+        self._thread = threading.Thread(target=self._run, name="flowstate-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the server did not start")
+        if self._error is not None:
+            raise self._error
+        return self.url
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve_app(self.app, self._sock, self._stop, ready=self._started.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self._error = exc
+            log.exception("background server failed")
+        finally:
+            self._started.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving (in-flight requests may finish) and wait for the thread."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

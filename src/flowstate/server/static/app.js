@@ -1,0 +1,83 @@
+// The page: header, token prompt and a hash router between the states view and a state.
+
+import { get, setToken, token, unauthorized } from "./api.js";
+import { h, fill } from "./dom.js";
+import { StatesView } from "./states.js";
+import { DetailView } from "./detail.js";
+
+class App {
+  constructor() {
+    this.main = document.getElementById("main");
+    this.headEl = document.getElementById("head-rev");
+    this.liveEl = document.getElementById("live");
+    this.storeEl = document.getElementById("store");
+    this.dialog = document.getElementById("token-dialog");
+    this.statesRoute = "#/states";
+    this.views = { states: new StatesView(this.main, this), state: new DetailView(this.main, this) };
+    this.current = null;
+    window.addEventListener("hashchange", () => this.route());
+    unauthorized.addEventListener("unauthorized", () => this.askToken());
+    document.getElementById("token-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const form = e.target;
+      setToken(form.token.value.trim(), form.remember.checked);
+      this.dialog.close();
+      this.start();
+    });
+    document.getElementById("forget-token").addEventListener("click", () => {
+      setToken("", false);
+      location.reload();
+    });
+  }
+
+  async start() {
+    try {
+      const info = await get("info");
+      fill(this.storeEl, `${info.store}`, info.recoverer ? " · recoverer" : "", info.delayer ? " · delayer" : "");
+      this.setHead(info.head_rev);
+      document.getElementById("forget-token").hidden = !token();
+    } catch (err) {
+      if (err.status !== 401) fill(this.main, h("p", { class: "error" }, `Cannot reach the server: ${err.message}`));
+      return;
+    }
+    this.route();
+  }
+
+  askToken() {
+    if (this.current) this.current.destroy();
+    this.setLive("stopped");
+    const form = document.getElementById("token-form");
+    form.token.value = "";
+    fill(document.getElementById("token-message"), token() ? "The server refused this token." : "This server requires a token.");
+    if (!this.dialog.open) this.dialog.showModal();
+    form.token.focus();
+  }
+
+  go(hash) {
+    if (location.hash === hash) this.route();
+    else location.hash = hash;
+  }
+
+  route() {
+    const hash = location.hash.replace(/^#/, "") || "/states";
+    const [path, search] = hash.split("?");
+    const params = new URLSearchParams(search || "");
+    const view = path === "/state" ? this.views.state : this.views.states;
+    if (view === this.views.states) this.statesRoute = `#${hash}`;
+    if (this.current && this.current !== view) this.current.destroy();
+    this.current = view;
+    document.body.dataset.view = path === "/state" ? "state" : "states";
+    view.show(params);
+  }
+
+  setHead(rev) {
+    fill(this.headEl, `head rev ${rev}`);
+  }
+
+  setLive(status) {
+    this.liveEl.dataset.status = status;
+    fill(this.liveEl, { live: "live", reconnecting: "reconnecting…", paused: "paused (older page)", stopped: "not live" }[status] || status);
+  }
+}
+
+new App().start();

@@ -1,0 +1,80 @@
+"""The benchmarks' smoke mode runs and prints its table, so the harness never rots.
+
+No timing is asserted: this only checks that every scenario still runs (memory, SQLite, and
+PostgreSQL when a server answers; the DBOS peer is skipped when ``dbos`` is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmarks_smoke(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--quiet", "--json", str(out_json)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]
+    out = proc.stdout
+    for heading in (
+        "== Commit throughput",
+        "== Contention",
+        "== 3-step flow",
+        "== Watch latency",
+        "== Idle watchers",
+        "== Delayed firing",
+        "== Recovery",
+        "== Targets",
+    ):
+        assert heading in out, out
+    for backend in ("memory", "SQLite NORMAL", "SQLite FULL"):
+        assert backend in out
+
+    report = json.loads(out_json.read_text())
+    backends = report["meta"]["backends"]
+    assert {"memory", "sqlite-normal", "sqlite-full"} <= set(backends)
+    ours = [r for r in report["records"] if r["scenario"] != "dbos"]
+    assert ours and all("result" in r for r in ours), [r.get("error") for r in ours]
+    scenarios = {(r["scenario"], r["backend"]) for r in ours}
+    for b in backends:
+        for scenario in ("commit", "flows", "delay", "recovery"):
+            assert (scenario, b) in scenarios
+    for r in ours:
+        if r["scenario"] == "delay":  # every delayed state fired, none before its time
+            assert r["result"]["fired"] == r["result"]["count"] and r["result"]["early"] == 0
+        if r["scenario"] == "recovery":
+            assert r["result"]["completed"] == r["result"]["n"]
+    if "postgres" not in backends:
+        assert any("PostgreSQL skipped" in n for n in report["meta"]["notes"])
+    if report["meta"]["dbos_skipped"] is None:
+        assert any(r["scenario"] == "dbos" for r in report["records"])
+    else:
+        assert "DBOS: skipped" in out
+
+    from benchmarks import markdown
+
+    tables = markdown.render(report)
+    assert "| store | conc 1 | conc 4 | conc 16 |" in tables
+
+
+def test_profiling_tools_import() -> None:
+    """The profiling tools are run by hand; importing them catches renamed internals."""
+    import importlib
+
+    for name in ("benchmarks.profile", "benchmarks.pg_ceiling", "benchmarks.pg_levers"):
+        assert importlib.import_module(name).main
