@@ -125,7 +125,10 @@ def process_commit(cmd: CommitCmd, now: datetime) -> Generator[TxOp, Any, Commit
     def w(ctx: StateCtx) -> StateCtx:
         pair = work.get(id(ctx))
         if pair is None:
-            copy = ctx.deep_copy()
+            # committed is only ever replaced, never changed in place: it may be shared
+            datas = {k: d.copy() for k, d in ctx.datas.items()} if ctx.datas else {}
+            copy = StateCtx(ctx.current.copy(), ctx.committed, list(ctx.transitions), datas)
+            copy.done = ctx.done
             pair = work[id(ctx)] = (ctx, copy)
         return pair[1]
 
@@ -182,7 +185,7 @@ def process_commit(cmd: CommitCmd, now: datetime) -> Generator[TxOp, Any, Commit
             raise ValidationError(where, exc.reason) from None
         if ctx is None:
             continue
-        stored = ctx.current.copy()
+        stored = ctx.current  # the working copy: the store may keep it
         stored.committed_at = committed_at
         ok = yield "commit_state", (stored, ctx.committed.rev)
         if not ok:
