@@ -21,7 +21,13 @@ import pytest
 import flowstate as fs
 from flowstate import iterator
 from flowstate.clock import to_millis
-from flowstate.drivers.postgres import PostgresDriver, migrations, split_dsn, states_query
+from flowstate.drivers.postgres import (
+    PostgresDriver,
+    _PoolConnection,
+    migrations,
+    split_dsn,
+    states_query,
+)
 from tests import pgutil
 
 PROCS = Path(__file__).parent / "procs"
@@ -352,6 +358,8 @@ async def test_queries_use_indexes(dsn: str, schema: str) -> None:
             FROM generate_series(1, 100000) g;
             INSERT INTO flowstate_latest (id, rev)
             SELECT id, max(rev) FROM flowstate_states GROUP BY id;
+            -- sample every row: plans must not depend on which rows ANALYZE happened to pick
+            ALTER TABLE flowstate_states ALTER COLUMN labels SET STATISTICS 1000;
             ANALYZE flowstate_states;
             ANALYZE flowstate_latest;
             """
@@ -433,8 +441,9 @@ async def test_lost_connection_during_commit_is_never_a_false_success(
 
     monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", broken_commit)
     ctx = park_ctx("unknown")
+    ctx.datas["d"] = fs.Data(blob=b"x")  # storing data takes the transaction path
     with pytest.raises(fs.CommitUnknownError):
-        await engine.do(fs.commit(fs.park(ctx)))
+        await engine.do(fs.commit(fs.store_data(ctx, "d"), fs.park(ctx)))
     assert ctx.committed.rev == 0, "the caller's ctx must not claim a rev"
     monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", real_commit)
 
@@ -442,6 +451,97 @@ async def test_lost_connection_during_commit_is_never_a_false_success(
         await engine.do(fs.get_state_by_id(fs.StateCtx(), "unknown"))
     await engine.do(fs.commit(fs.park(ctx)))
     assert ctx.committed.rev > 0
+
+
+async def test_lost_connection_during_a_one_statement_commit_is_never_a_false_success(
+    engine: fs.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fetchval = _PoolConnection.fetchval
+
+    async def lost_midway(self: asyncpg.Connection, query: str, *args: object) -> object:
+        if "flowstate_commit_one" not in query:
+            return await real_fetchval(self, query, *args)
+        running = asyncio.ensure_future(real_fetchval(self, query, *args))
+        await asyncio.sleep(0)  # the statement is on its way
+        self.terminate()
+        return await running
+
+    monkeypatch.setattr(_PoolConnection, "fetchval", lost_midway)
+    ctx = park_ctx("maybe")
+    with pytest.raises(fs.CommitUnknownError):
+        await engine.do(fs.commit(fs.park(ctx)))
+    assert ctx.committed.rev == 0, "the caller's ctx must not claim a rev"
+    monkeypatch.setattr(_PoolConnection, "fetchval", real_fetchval)
+
+    stored = fs.StateCtx()
+    try:  # the server may or may not have run it; either way the store is consistent
+        await engine.do(fs.get_state_by_id(stored, "maybe"))
+    except fs.NotFoundError:
+        stored = ctx
+    await engine.do(fs.commit(fs.park(stored)))
+    assert stored.committed.rev > 0
+
+
+async def test_a_commit_of_versions_is_one_statement(engine: fs.Engine) -> None:
+    """No BEGIN/COMMIT and no reset query on release: one round trip per commit."""
+    ctx = park_ctx("one")
+    await engine.do(fs.commit(fs.park(ctx)))  # warm: the statement is prepared once
+    sent: list[str] = []
+    methods = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "prepare")
+    originals = {name: getattr(_PoolConnection, name) for name in methods}
+
+    def counting(name: str) -> object:
+        async def call(self: asyncpg.Connection, query: str, *args: object, **kw: object) -> object:
+            sent.append(query)
+            return await originals[name](self, query, *args, **kw)
+
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in methods:
+            mp.setattr(_PoolConnection, name, counting(name))
+        await engine.do(fs.commit(fs.transit(ctx, "next"), fs.park(ctx)))
+    assert len(sent) == 1 and "flowstate_commit_one" in sent[0]
+    assert ctx.current.rev == ctx.committed.rev > 0
+    log = fs.get_states()
+    await engine.do(log)
+    assert log.result is not None
+    transit, park = [s for s in log.result.states if s.id == "one"][1:]
+    assert transit.transition.to == "next"
+    assert park.rev == transit.rev + 1 == ctx.committed.rev  # the park expected the transit
+
+
+async def test_one_statement_commits_report_every_conflict(engine: fs.Engine) -> None:
+    a, b = park_ctx("a"), park_ctx("b")
+    await engine.do(fs.commit(fs.park(a), fs.park(b)))
+    stale_a, stale_b = a.copy(), b.copy()
+    await engine.do(fs.commit(fs.park(a), fs.park(b)))
+    with pytest.raises(fs.RevMismatchError) as err:
+        await engine.do(fs.commit(fs.park(stale_b), fs.park(park_ctx("new")), fs.park(stale_a)))
+    assert err.value.ids == ["b", "a"]  # in commit order
+    with pytest.raises(fs.NotFoundError):  # nothing of the failed commit was stored
+        await engine.do(fs.get_state_by_id(fs.StateCtx(), "new"))
+    twice = park_ctx("twice")
+    again = park_ctx("twice")  # the same id in another ctx: expects no version either
+    with pytest.raises(fs.RevMismatchError) as err:
+        await engine.do(fs.commit(fs.park(twice), fs.park(again)))
+    assert err.value.ids == ["twice"]
+    await engine.do(fs.commit(fs.park(twice), fs.park(twice)))
+    assert twice.committed.rev > 0
+
+
+async def test_transaction_commits_report_every_conflict(engine: fs.Engine) -> None:
+    """The same checks on the path of commits that also store data (BEGIN ... COMMIT)."""
+    a, b = park_ctx("a"), park_ctx("b")
+    a.datas["d"] = fs.Data(blob=b"x")
+    await engine.do(fs.commit(fs.store_data(a, "d"), fs.transit(a, "t"), fs.park(a), fs.park(b)))
+    assert a.committed.rev == a.current.rev > 0  # the park expected the transit's rev
+    stale_a, stale_b = a.copy(), b.copy()
+    await engine.do(fs.commit(fs.park(a), fs.park(b)))
+    stale_b.datas["d"] = fs.Data(blob=b"y")
+    with pytest.raises(fs.RevMismatchError) as err:
+        await engine.do(fs.commit(fs.store_data(stale_b, "d"), fs.park(stale_b), fs.park(stale_a)))
+    assert err.value.ids == ["b", "a"]
 
 
 def _cluster() -> list[str] | None:

@@ -1,15 +1,18 @@
 """PostgresDriver: one store shared by many engine processes on many machines.
 
-Commits run in a transaction on a pooled asyncpg connection. The rev check is done by the
-database (``flowstate_commit`` locks the latest row of every state it writes), so it holds
-across processes. Revs are allocated in blocks by ``flowstate_alloc_revs``, which assigns the
-transaction id under an advisory lock: rev order equals transaction-id order, and readers show
-only rows written by transactions older than every transaction still running (the xmin of
-their snapshot). A reader therefore never delivers rev N and later discovers a lower rev.
+A commit made only of transit/park sub-commands is one statement, ``flowstate_commit_one``, in
+its own implicit transaction; other commits run in a transaction on a pooled asyncpg connection
+and store their versions with ``flowstate_store_versions``. The rev check is done by the
+database (the latest row of every state written is locked), so it holds across processes. Revs
+are allocated in blocks by ``flowstate_alloc_revs``, which assigns the transaction id under an
+advisory lock: rev order equals transaction-id order, and readers show only rows written by
+transactions older than every transaction still running (the xmin of their snapshot). A reader
+therefore never delivers rev N and later discovers a lower rev.
 
-Watchers are woken by LISTEN/NOTIFY; while someone waits, the head is also polled every
-``poll_interval`` seconds, so a lost notification (a dropped listener connection) delays a
-delivery but never loses it.
+Watchers are woken by LISTEN/NOTIFY. Commits do not notify inside their transaction (a
+notifying transaction holds a cluster-wide lock through its WAL flush); after they return, one
+task per driver sends the highest new rev. While someone waits, the head is also polled every
+``poll_interval`` seconds, so a lost notification delays a delivery but never loses it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from flowstate.commands import (
     GetDelayedStatesResult,
     GetStatesCmd,
     GetStatesResult,
+    NoopCmd,
+    ParkCmd,
+    TransitCmd,
 )
 from flowstate.data import Data
 from flowstate.drivers.base import (
@@ -62,6 +68,29 @@ _HORIZON = "(SELECT pg_snapshot_xmin(pg_current_snapshot()))"
 _HEAD_SQL = f"SELECT max(rev) FROM flowstate_states WHERE xid < {_HORIZON}"
 #: How long a read waits for this driver's own latest commit to become visible.
 CATCH_UP_LIMIT = 2.0
+_COMMIT_ONE_SQL = "SELECT flowstate_commit_one($1, $2, $3, $4, $5, $6, $7)"
+_NOTIFY_SQL = "SELECT pg_notify($1, $2)"
+_CONFLICT_SQLSTATE = "FS001"  # raised by flowstate_commit_one
+#: A statement that failed with one of these never ran: the connection was known closed before
+#: sending (InterfaceError), or the server refused it while shutting the session down.
+_NOT_RUN_ERRORS = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def _not_run(exc: BaseException) -> bool:
+    """Whether a failed statement surely never ran. asyncpg refuses to start an operation with
+    "cannot switch to state ..." before sending anything (its protocol already saw the
+    server drop the session)."""
+    if isinstance(exc, _NOT_RUN_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) and str(exc).startswith(
+        "cannot switch to state"
+    )
+
+
 _CONNECTION_ERRORS = (
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
@@ -112,6 +141,20 @@ def _json_state(text: str) -> State:
         from_millis(at) if at is not None else None,
         Transition(d["to"], d["transition_annotations"]),
     )
+
+
+class _PoolConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection handed back without asyncpg's reset query (a round trip per use).
+
+    Safe because the driver leaves no session state on pooled connections: it never SETs,
+    LISTENs (the listener has a connection of its own) or opens cursors there, and asyncpg still
+    rolls back an open transaction on release. The one session-level lock, the advisory lock
+    ``flowstate_alloc_revs`` takes and releases, can only stay held when a statement fails or is
+    cancelled midway; the driver then discards the connection instead of releasing it.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 def _discard(conn: asyncpg.Connection) -> None:
@@ -174,6 +217,8 @@ class PostgresDriver(Driver):
         self._closing = False
         self._own_rev = 0  # the highest rev this driver committed
         self._seen_head = 0  # a head rev known to be visible
+        self._published = 0  # the highest rev announced to other processes
+        self._publisher: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -190,6 +235,7 @@ class PostgresDriver(Driver):
             min_size=self._min_size,
             max_size=self._max_size,
             server_settings=settings,
+            connection_class=_PoolConnection,
         )
         self.notifier.head = await self.head_rev()
         self._listen_task = asyncio.create_task(self._listen_forever())
@@ -227,13 +273,16 @@ class PostgresDriver(Driver):
                     )
 
     async def _close(self) -> None:
+        if self._publisher is not None and not self._publisher.done():
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._publisher), 1.0)
         self._closing = True
-        for task in (self._listen_task, self._poller):
+        for task in (self._publisher, self._listen_task, self._poller):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._listen_task = self._poller = None
+        self._listen_task = self._poller = self._publisher = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=2)
@@ -252,13 +301,16 @@ class PostgresDriver(Driver):
         delay = 0.1
         while not self._closing:
             try:
-                conn = await asyncpg.connect(self.dsn, server_settings=self._settings())
+                # this connection also sends our notifications; they need no durability
+                settings = {**self._settings(), "synchronous_commit": "off"}
+                conn = await asyncpg.connect(self.dsn, server_settings=settings)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.channel, self._on_notify)
                 self._listener = conn
                 delay = 0.1
                 self.notifier.wake()  # anything committed while we were away
+                self._publish(self._own_rev)  # and what we could not announce meanwhile
                 await lost.wait()
             except asyncio.CancelledError:
                 raise
@@ -267,6 +319,26 @@ class PostgresDriver(Driver):
                 delay = min(delay * 2, 5.0)
             finally:
                 self._listener = None
+
+    def _publish(self, rev: int) -> None:
+        """Announce ``rev`` to other processes. At most one NOTIFY is in flight; revs committed
+        meanwhile are merged into the next one, which carries the highest."""
+        if rev <= self._published or self._closing:
+            return
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_pending())
+
+    async def _publish_pending(self) -> None:
+        while self._own_rev > self._published:
+            conn = self._listener
+            if conn is None:
+                return  # the listener republishes when it is back; others poll meanwhile
+            rev = self._own_rev
+            try:
+                await conn.fetchval(_NOTIFY_SQL, self.channel, str(rev))
+            except Exception:
+                return  # the next commit or reconnection retries; others poll meanwhile
+            self._published = rev
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -353,6 +425,10 @@ class PostgresDriver(Driver):
                 if isinstance(exc, _CONNECTION_ERRORS):
                     _discard(conn)
                     raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                if not isinstance(exc, FlowstateError):
+                    # failed or cancelled inside a statement, maybe holding the rev lock
+                    _discard(conn)
+                    raise
                 with contextlib.suppress(Exception):
                     await tx.rollback()
                 raise
@@ -371,6 +447,17 @@ class PostgresDriver(Driver):
 
     async def commit(self, cmd: CommitCmd) -> None:
         now = self.clock.now()
+        if _versions_only(cmd):
+            outcome = await self._commit_one(cmd, now)
+        else:
+            outcome = await self._commit_in_transaction(cmd, now)
+        outcome.apply()
+        if outcome.max_rev:
+            self._own_rev = max(self._own_rev, outcome.max_rev)
+            self.notifier.notify(outcome.max_rev)
+            self._publish(outcome.max_rev)
+
+    async def _commit_in_transaction(self, cmd: CommitCmd, now: datetime) -> CommitOutcome:
         # delayed states inside the commit take their offsets from the same block
         n = committable_count(cmd) + sum(isinstance(c, DelayCmd) for c in cmd.commands)
 
@@ -378,14 +465,72 @@ class PostgresDriver(Driver):
             first = await conn.fetchval("SELECT flowstate_alloc_revs($1)", n) if n else 0
             tx = _PgTx(conn, first)
             outcome = await run_commit_async(process_commit(cmd, now), tx)
-            await tx.flush(self.channel)
+            await tx.flush()
             return outcome
 
-        outcome = await self._write(run)
-        outcome.apply()
-        if outcome.max_rev:
-            self._own_rev = max(self._own_rev, outcome.max_rev)
-            self.notifier.notify(outcome.max_rev)
+        return await self._write(run)
+
+    async def _commit_one(self, cmd: CommitCmd, now: datetime) -> CommitOutcome:
+        """A commit of versions only, as one ``flowstate_commit_one`` statement: the versions
+        are staged with placeholder revs -1, -2, ... and renumbered from the first rev."""
+        staging = _Staging()
+        outcome = await run_commit_async(process_commit(cmd, now), staging)
+        staged = staging.staged
+        if not staged:
+            return outcome
+        states = [s for s, _ in staged]
+        first = await self._one_statement(
+            _COMMIT_ONE_SQL,
+            [s.id for s in states],
+            [e for _, e in staged],
+            [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
+            [_dumps(s.annotations) for s in states],
+            [_dumps(s.labels) for s in states],
+            [s.transition.to for s in states],
+            [_dumps(s.transition.annotations) for s in states],
+        )
+        for _, work in outcome.pairs:
+            for state in (work.current, work.committed):
+                if state.rev < 0:
+                    state.rev = first - state.rev - 1
+        outcome.max_rev = first + len(states) - 1
+        return outcome
+
+    async def _one_statement(self, sql: str, *args: Any) -> int:
+        """Run a committing statement in autocommit. Retried only while it surely did not run;
+        a connection lost while it ran is CommitUnknownError."""
+        pool = self._need_pool()
+        for attempt in range(3):
+            try:
+                conn = await pool.acquire()
+            except _CONNECTION_ERRORS as exc:
+                if attempt == 2:
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+                await asyncio.sleep(0.1 * 2**attempt)
+                continue
+            try:
+                return int(await conn.fetchval(sql, *args))
+            except (*_NOT_RUN_ERRORS, *_CONNECTION_ERRORS) as exc:
+                _discard(conn)
+                if not _not_run(exc):
+                    raise CommitUnknownError(
+                        "connection lost while committing; "
+                        f"the commit may or may not be stored: {exc}"
+                    ) from exc
+                if attempt == 2:
+                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == _CONFLICT_SQLSTATE:
+                    ids = json.loads(exc.detail or "[]")
+                    raise RevMismatchError(_in_order(ids, args[0])) from None
+                _discard(conn)  # failed midway, maybe holding the rev lock
+                raise
+            except BaseException:
+                _discard(conn)  # cancelled midway, maybe holding the rev lock
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     async def get_state(self, state_id: str, rev: int) -> State:
         return await self._read(lambda conn: _get_state(conn, state_id, rev))
@@ -538,9 +683,49 @@ async def _get_data(conn: asyncpg.Connection, data: Data) -> None:
     data.blob = bytes(row[1])
 
 
+def _in_order(conflicts: list[str], ids: list[str]) -> list[str]:
+    """The conflicting ids (the database reports them sorted) in commit order."""
+    found = set(conflicts)
+    return [i for i in dict.fromkeys(ids) if i in found]
+
+
+def _versions_only(cmd: CommitCmd) -> bool:
+    """Whether a commit only writes state versions (transit, park, noop): its storage work is
+    then one statement, and nothing it computes depends on a rev before the commit returns."""
+    return all(isinstance(c, TransitCmd | ParkCmd | NoopCmd) for c in cmd.commands)
+
+
+class _Staging:
+    """The AsyncCommitTx of a versions-only commit: stages versions with placeholder revs."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[State, int]] = []
+
+    async def commit_state(self, state: State, expected_rev: int) -> bool:
+        state.rev = -(len(self.staged) + 1)
+        self.staged.append((state, expected_rev))
+        return True
+
+    async def get_state(self, state_id: str, rev: int) -> State:
+        raise AssertionError("not part of a versions-only commit")
+
+    async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
+        raise AssertionError("not part of a versions-only commit")
+
+    async def store_data(self, data: Data) -> None:
+        raise AssertionError("not part of a versions-only commit")
+
+    async def get_data(self, data: Data) -> None:
+        raise AssertionError("not part of a versions-only commit")
+
+    async def delay(self, delayed: DelayedState) -> int:
+        raise AssertionError("not part of a versions-only commit")
+
+
 class _PgTx:
-    """The AsyncCommitTx of one commit. Versions are staged and written (with the rev check)
-    by one ``flowstate_commit`` call at the end; other operations run in the transaction."""
+    """The AsyncCommitTx of a commit in a transaction. Versions are staged and written (with
+    the rev check) by one ``flowstate_store_versions`` call at the end; other operations run in
+    the transaction as they come."""
 
     def __init__(self, conn: asyncpg.Connection, first_rev: int) -> None:
         self.conn = conn
@@ -577,12 +762,12 @@ class _PgTx:
         await _insert_delayed(self.conn, delayed, offset)
         return offset
 
-    async def flush(self, channel: str) -> None:
+    async def flush(self) -> None:
         if not self.staged:
             return
         states = [s for s, _ in self.staged]
         conflicts = await self.conn.fetchval(
-            "SELECT flowstate_commit($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT flowstate_store_versions($1, $2, $3, $4, $5, $6, $7, $8)",
             [s.id for s in states],
             [e for _, e in self.staged],
             [s.rev for s in states],
@@ -591,7 +776,6 @@ class _PgTx:
             [_dumps(s.labels) for s in states],
             [s.transition.to for s in states],
             [_dumps(s.transition.annotations) for s in states],
-            channel,
         )
         if conflicts:
-            raise RevMismatchError(conflicts)
+            raise RevMismatchError(_in_order(conflicts, [s.id for s in states]))
