@@ -17,6 +17,7 @@ BACKENDS = {
     "sqlite-normal": "SQLite NORMAL",
     "sqlite-full": "SQLite FULL",
     "postgres": "PostgreSQL",
+    "net": "network (server on memory)",
 }
 
 

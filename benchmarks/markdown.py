@@ -52,9 +52,11 @@ def render(report: dict[str, Any]) -> str:
             ]
         )
         kind = by[CONCS[0]]["limit_kind"] if CONCS[0] in by else "-"
-        rows.append(
-            [f"limit: {kind}"] + [_fmt_n(by[c]["limit_per_s"]) if c in by else "-" for c in CONCS]
-        )
+        if kind != "-":  # the network driver has no limit of its own in the run
+            rows.append(
+                [f"limit: {kind}"]
+                + [_fmt_n(by[c]["limit_per_s"]) if c in by else "-" for c in CONCS]
+            )
         if b == "postgres":
             rows.append(
                 ["limit: asyncpg BEGIN/UPDATE/INSERT/COMMIT"]

@@ -118,6 +118,8 @@ def build_jobs(cfg: dict[str, Any], backends: list[str], dbos: bool) -> list[dic
     for b in backends:
         jobs.append({"scenario": "watchers", "backend": b, "count": cfg["watchers"]})
     for b in backends:
+        if b == "net":
+            continue  # the server's own delayer is the active one, and it hosts no flows
         jobs.append(
             {
                 "scenario": "delay",
@@ -129,6 +131,8 @@ def build_jobs(cfg: dict[str, Any], backends: list[str], dbos: bool) -> list[dic
             }
         )
     for b in backends:
+        if b == "net":
+            continue  # committed_at comes from the server's clock: no backdated stall to recover
         jobs.append(
             {
                 "scenario": "recovery",
@@ -303,6 +307,8 @@ def analyse(recs: list[dict[str, Any]], backends: list[str]) -> dict[str, Any]:
             )
         )
     for b in backends:
+        if b == "net":
+            continue  # not measured (build_jobs)
         d = _res(recs, "delay", b)
         p99 = d["p99_ms"] if d else None
         targets.append(
@@ -313,6 +319,8 @@ def analyse(recs: list[dict[str, Any]], backends: list[str]) -> dict[str, Any]:
             )
         )
     for b in backends:
+        if b == "net":
+            continue  # not measured (build_jobs)
         r = _res(recs, "recovery", b)
         secs = r["seconds"] if r else None
         ok = None if r is None or r["n"] < 10_000 else r["seconds"] < TARGET_RECOVERY_S
@@ -554,6 +562,8 @@ def render(report: dict[str, Any]) -> str:
     )
     rows = []
     for b in backends:
+        if b == "net":
+            continue
         r = _res(recs, "delay", b)
         if r:
             rows.append(
@@ -578,6 +588,8 @@ def render(report: dict[str, Any]) -> str:
     )
     rows = []
     for b in backends:
+        if b == "net":
+            continue
         r = _res(recs, "recovery", b)
         if r:
             rows.append(
@@ -631,6 +643,7 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
         "sqlite-normal": "tab:green",
         "sqlite-full": "tab:blue",
         "postgres": "tab:red",
+        "net": "tab:purple",
     }
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.4))
     for b in report["meta"]["backends"]:

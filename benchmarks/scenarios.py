@@ -8,17 +8,22 @@ RSS the child reports belongs to that scenario alone.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import json
 import math
 import os
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
 
 import flowstate as fs
 from benchmarks.common import (
@@ -46,7 +51,43 @@ def driver_for(
         assert schema is not None
         # one pooled connection per worker, like the raw limit (the default pool is 10)
         return fs.PostgresDriver(PG_DSN, schema=schema, max_size=max(10, conc))
+    if backend == "net":
+        return fs.NetDriver(_server_for(tag))
     raise ValueError(f"unknown backend {backend}")
+
+
+_servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+
+def _server_for(tag: str) -> str:
+    """The URL of a `flowstate serve --store memory://` process of its own for store ``tag``
+    (started on first use, killed when this process exits): the network path, measured with
+    the fastest store behind it."""
+    if tag in _servers:
+        return _servers[tag][1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    code = "from flowstate.cli import main; main()"
+    args = ["serve", "--store", "memory://", "--addr", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    atexit.register(proc.kill)
+    _servers[tag] = (proc, url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"flowstate serve did not come up on {url}")
+        time.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
