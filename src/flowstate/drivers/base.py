@@ -297,6 +297,48 @@ class Notifier:
             await asyncio.wait_for(event.wait(), timeout)
 
 
+class HeadPoller:
+    """While watchers wait, asks the store for its head rev every ``driver.poll_interval``
+    seconds and announces each change: how watchers see commits made elsewhere (another
+    process, another client of a server). One task per driver, only while someone waits."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.waiters = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def wait(self, version: int, timeout: float) -> None:
+        notifier = self.driver.notifier
+        if notifier.version != version:
+            return
+        self.waiters += 1
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        try:
+            await notifier.wait(version, timeout)
+        finally:
+            self.waiters -= 1
+
+    async def stop(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        driver = self.driver
+        seen = driver.notifier.head
+        while self.waiters > 0:
+            await asyncio.sleep(driver.poll_interval or 1.0)
+            try:
+                head = await driver.head_rev()
+            except Exception:  # the watchers' own queries report persistent errors
+                continue
+            if head != seen:
+                seen = head
+                driver.notifier.notify(head)
+
+
 class Driver(abc.ABC):
     """A store of state versions, data and delayed states.
 
@@ -312,6 +354,7 @@ class Driver(abc.ABC):
         self.clock: Clock = clock or SystemClock()
         self.notifier = Notifier()
         self._opened = 0
+        self._head_poller = HeadPoller(self)
 
     async def open(self) -> None:
         if self._opened == 0:
@@ -323,6 +366,7 @@ class Driver(abc.ABC):
             return
         self._opened -= 1
         if self._opened == 0:
+            await self._head_poller.stop()
             await self._close()
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
@@ -370,8 +414,12 @@ class Driver(abc.ABC):
         return self.notifier.head
 
     async def wait_for_commit(self, version: int, timeout: float) -> None:
-        """Return soon after a commit following notifier ``version`` (or after ``timeout``)."""
-        await self.notifier.wait(version, timeout)
+        """Return soon after a commit following notifier ``version`` (or after ``timeout``);
+        with a ``poll_interval``, also after a commit made elsewhere."""
+        if self.poll_interval is None:
+            await self.notifier.wait(version, timeout)
+        else:
+            await self._head_poller.wait(version, timeout)
 
 
 def commands_of(cmd: Command) -> list[Command]:

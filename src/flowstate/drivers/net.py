@@ -7,7 +7,6 @@ per driver and only while someone waits.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from datetime import datetime
@@ -78,8 +77,6 @@ class NetDriver(Driver):
         self.timeout = timeout
         self.http2 = http2
         self._client: httpx.AsyncClient | None = None
-        self._waiters = 0
-        self._poller: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -102,10 +99,6 @@ class NetDriver(Driver):
         self._http()
 
     async def _close(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -249,30 +242,6 @@ class NetDriver(Driver):
         result = answer.result if isinstance(answer, GetStatesCmd) else None
         head = result.states[-1].rev if result is not None and result.states else 0
         return max(head, self.notifier.head)
-
-    async def wait_for_commit(self, version: int, timeout: float) -> None:
-        if self.notifier.version != version:
-            return
-        self._waiters += 1
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
-        try:
-            await self.notifier.wait(version, timeout)
-        finally:
-            self._waiters -= 1
-
-    async def _poll(self) -> None:
-        """Pick up other clients' commits while watchers wait."""
-        interval = self.poll_interval
-        while self._waiters > 0 and self._client is not None:
-            await asyncio.sleep(interval)
-            try:
-                head = await self.head_rev()
-            except FlowstateError:  # the watchers' own queries report persistent errors
-                await asyncio.sleep(interval * 10)
-                continue
-            if head > self.notifier.head:
-                self.notifier.notify(head)
 
 
 def _ctx_of(cmd: Command) -> StateCtx:

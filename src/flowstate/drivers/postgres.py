@@ -212,8 +212,6 @@ class PostgresDriver(Driver):
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        self._waiters = 0
-        self._poller: asyncio.Task[None] | None = None
         self._closing = False
         self._own_rev = 0  # the highest rev this driver committed
         self._seen_head = 0  # a head rev known to be visible
@@ -277,12 +275,12 @@ class PostgresDriver(Driver):
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._publisher), 1.0)
         self._closing = True
-        for task in (self._publisher, self._listen_task, self._poller):
+        for task in (self._publisher, self._listen_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._listen_task = self._poller = self._publisher = None
+        self._listen_task = self._publisher = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=2)
@@ -345,29 +343,6 @@ class PostgresDriver(Driver):
             self.notifier.notify(int(payload))
         except ValueError:
             self.notifier.wake()
-
-    async def wait_for_commit(self, version: int, timeout: float) -> None:
-        if self.notifier.version != version:
-            return
-        self._waiters += 1
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
-        try:
-            await self.notifier.wait(version, timeout)
-        finally:
-            self._waiters -= 1
-
-    async def _poll(self) -> None:
-        seen = self.notifier.head
-        while self._waiters > 0 and not self._closing:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                head = await self.head_rev()
-            except Exception:  # the watchers' own queries report persistent errors
-                continue
-            if head != seen:
-                seen = head
-                self.notifier.notify(head)
 
     # plumbing
 

@@ -161,8 +161,6 @@ class SqliteDriver(Driver):
         self._reader_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters = 0
-        self._poller: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -186,9 +184,6 @@ class SqliteDriver(Driver):
         self.notifier.head = await self.head_rev()
 
     async def _close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
         if self._pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._shutdown_readers)
             self._pool = None
@@ -363,29 +358,6 @@ class SqliteDriver(Driver):
     async def head_rev(self) -> int:
         rev: int = await self._read(_max_rev)
         return rev
-
-    async def wait_for_commit(self, version: int, timeout: float) -> None:
-        if self.notifier.version != version:
-            return
-        self._waiters += 1
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
-        try:
-            await self.notifier.wait(version, timeout)
-        finally:
-            self._waiters -= 1
-
-    async def _poll(self) -> None:
-        """Pick up commits of other processes while watchers wait."""
-        interval = self.poll_interval
-        while self._waiters > 0 and self._pool is not None:
-            await asyncio.sleep(interval)
-            try:
-                head = await self.head_rev()
-                if head > self.notifier.head:
-                    self.notifier.notify(head)
-            except Exception:  # the watchers' own queries report persistent errors
-                await asyncio.sleep(interval * 10)
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
