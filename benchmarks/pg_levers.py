@@ -34,7 +34,7 @@ from benchmarks.common import PG_DSN, pg_drop_schema
 from flowstate.clock import to_millis
 from flowstate.commands import CommitCmd, NoopCmd, ParkCmd, TransitCmd
 from flowstate.drivers.base import process_commit, run_commit_async
-from flowstate.drivers.postgres import _dumps
+from flowstate.drivers.sqljson import dumps_map as _dumps
 from flowstate.state import State
 
 VARIANTS = ["driver", "no-reset", "one-statement", "one-statement-no-notify"]

@@ -50,6 +50,7 @@ from flowstate.drivers.base import (
     process_commit,
     run_commit_async,
 )
+from flowstate.drivers.sqljson import dumps_map, dumps_state, loads_state
 from flowstate.errors import (
     CommitUnknownError,
     DataNotFoundError,
@@ -104,43 +105,10 @@ _CONNECTION_ERRORS = (
 )
 
 
-def _dumps(values: Mapping[str, str]) -> str:
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":")) if values else "{}"
-
-
 def _row_state(row: Any) -> State:
     rev, sid, at, ann, labels, to, tann = row
     transition = Transition(to, json.loads(tann))
     return State(sid, rev, json.loads(ann), json.loads(labels), from_millis(at), transition)
-
-
-def _state_json(state: State) -> str:
-    return json.dumps(
-        {
-            "id": state.id,
-            "rev": state.rev,
-            "annotations": state.annotations,
-            "labels": state.labels,
-            "committed_at": to_millis(state.committed_at) if state.committed_at else None,
-            "to": state.transition.to,
-            "transition_annotations": state.transition.annotations,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _json_state(text: str) -> State:
-    d = json.loads(text)
-    at = d["committed_at"]
-    return State(
-        d["id"],
-        d["rev"],
-        d["annotations"],
-        d["labels"],
-        from_millis(at) if at is not None else None,
-        Transition(d["to"], d["transition_annotations"]),
-    )
 
 
 class _PoolConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -375,14 +343,10 @@ class PostgresDriver(Driver):
         as CommitUnknownError; before that, as StoreUnavailableError (nothing stored)."""
         pool = self._need_pool()
         for attempt in range(3):
-            try:
-                conn = await pool.acquire()
-                tx = conn.transaction()
-            except _CONNECTION_ERRORS as exc:
-                if attempt == 2:
-                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-                await asyncio.sleep(0.1 * 2**attempt)
+            conn = await _acquire(pool, attempt)
+            if conn is None:
                 continue
+            tx = conn.transaction()
             try:
                 await tx.start()
             except _CONNECTION_ERRORS as exc:
@@ -459,10 +423,10 @@ class PostgresDriver(Driver):
             [s.id for s in states],
             [e for _, e in staged],
             [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-            [_dumps(s.annotations) for s in states],
-            [_dumps(s.labels) for s in states],
+            [dumps_map(s.annotations) for s in states],
+            [dumps_map(s.labels) for s in states],
             [s.transition.to for s in states],
-            [_dumps(s.transition.annotations) for s in states],
+            [dumps_map(s.transition.annotations) for s in states],
         )
         for _, work in outcome.pairs:
             for state in (work.current, work.committed):
@@ -476,12 +440,8 @@ class PostgresDriver(Driver):
         a connection lost while it ran is CommitUnknownError."""
         pool = self._need_pool()
         for attempt in range(3):
-            try:
-                conn = await pool.acquire()
-            except _CONNECTION_ERRORS as exc:
-                if attempt == 2:
-                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-                await asyncio.sleep(0.1 * 2**attempt)
+            conn = await _acquire(pool, attempt)
+            if conn is None:
                 continue
             try:
                 return int(await conn.fetchval(sql, *args))
@@ -558,7 +518,7 @@ class PostgresDriver(Driver):
                 args.append(to_seconds(since))
             sql += f'ORDER BY "offset" LIMIT {int(limit) + 1}'
             rows = await conn.fetch(sql, *args)
-            items = [DelayedState(_json_state(r[2]), from_seconds(r[1]), r[0]) for r in rows]
+            items = [DelayedState(loads_state(r[2]), from_seconds(r[1]), r[0]) for r in rows]
             return GetDelayedStatesResult(items[:limit], len(items) > limit)
 
         return await self._read(run)
@@ -591,7 +551,7 @@ async def _get_state(conn: asyncpg.Connection, state_id: str, rev: int) -> State
 async def _get_state_by_labels(conn: asyncpg.Connection, labels: Mapping[str, str]) -> State:
     sql = f"SELECT {_COLUMNS} FROM flowstate_states WHERE labels @> $1::jsonb "
     sql += "ORDER BY rev DESC LIMIT 1"
-    row = await conn.fetchrow(sql, _dumps(labels))
+    row = await conn.fetchrow(sql, dumps_map(labels))
     if row is None:
         raise NotFoundError(f"labels={dict(labels)}")
     return _row_state(row)
@@ -603,7 +563,7 @@ def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
     if cmd.labels and all(cmd.labels):
         ors = []
         for labels in cmd.labels:
-            args.append(_dumps(labels))
+            args.append(dumps_map(labels))
             ors.append(f"s.labels @> ${len(args)}::jsonb")
         where.append("(" + " OR ".join(ors) + ")")
     if cmd.since_time is not None:
@@ -631,6 +591,18 @@ def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
     return sql, args
 
 
+async def _acquire(pool: asyncpg.Pool, attempt: int) -> asyncpg.Connection | None:
+    """A pooled connection for attempt ``attempt`` (of 3) of a write, or None after a
+    connection failure worth retrying; StoreUnavailableError on the last attempt."""
+    try:
+        return await pool.acquire()
+    except _CONNECTION_ERRORS as exc:
+        if attempt == 2:
+            raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+        await asyncio.sleep(0.1 * 2**attempt)
+        return None
+
+
 async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesResult:
     sql, args = states_query(cmd)
     rows = await conn.fetch(sql, *args)
@@ -640,12 +612,12 @@ async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesR
 
 async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState, offset: int) -> None:
     sql = 'INSERT INTO flowstate_delayed ("offset", execute_at, state) VALUES ($1, $2, $3::jsonb)'
-    await conn.execute(sql, offset, to_seconds(delayed.execute_at), _state_json(delayed.state))
+    await conn.execute(sql, offset, to_seconds(delayed.execute_at), dumps_state(delayed.state))
 
 
 async def _store_data(conn: asyncpg.Connection, data: Data) -> None:
     sql = "INSERT INTO flowstate_data (annotations, blob) VALUES ($1::jsonb, $2) RETURNING rev"
-    data.rev = int(await conn.fetchval(sql, _dumps(data.annotations), bytes(data.blob)))
+    data.rev = int(await conn.fetchval(sql, dumps_map(data.annotations), bytes(data.blob)))
 
 
 async def _get_data(conn: asyncpg.Connection, data: Data) -> None:
@@ -747,10 +719,10 @@ class _PgTx:
             [e for _, e in self.staged],
             [s.rev for s in states],
             [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-            [_dumps(s.annotations) for s in states],
-            [_dumps(s.labels) for s in states],
+            [dumps_map(s.annotations) for s in states],
+            [dumps_map(s.labels) for s in states],
             [s.transition.to for s in states],
-            [_dumps(s.transition.annotations) for s in states],
+            [dumps_map(s.transition.annotations) for s in states],
         )
         if conflicts:
             raise RevMismatchError(_in_order(conflicts, [s.id for s in states]))

@@ -14,7 +14,6 @@ head rev every ``poll_interval`` seconds (one poller per driver, only while some
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import queue
 import sqlite3
@@ -35,6 +34,7 @@ from flowstate.commands import (
 )
 from flowstate.data import Data
 from flowstate.drivers.base import CommitOutcome, Driver, process_commit, run_commit
+from flowstate.drivers.sqljson import dumps_map, dumps_state, loads_map, loads_state
 from flowstate.errors import DataNotFoundError, FlowstateError, NotFoundError
 from flowstate.state import State, Transition
 
@@ -74,47 +74,10 @@ _STATE_COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, tra
 _BATCH_MAX = 256
 
 
-def _dumps(values: Mapping[str, str]) -> str:
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":")) if values else "{}"
-
-
-def _loads(text: str) -> dict[str, str]:
-    return json.loads(text) if text != "{}" else {}
-
-
 def _row_state(row: tuple[Any, ...]) -> State:
     rev, sid, at, ann, labels, to, tann = row
-    transition = Transition(to, _loads(tann))
-    return State(sid, rev, _loads(ann), _loads(labels), from_millis(at), transition)
-
-
-def _state_json(state: State) -> str:
-    return json.dumps(
-        {
-            "id": state.id,
-            "rev": state.rev,
-            "annotations": state.annotations,
-            "labels": state.labels,
-            "committed_at": to_millis(state.committed_at) if state.committed_at else None,
-            "to": state.transition.to,
-            "transition_annotations": state.transition.annotations,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _json_state(text: str) -> State:
-    d = json.loads(text)
-    at = d["committed_at"]
-    return State(
-        d["id"],
-        d["rev"],
-        d["annotations"],
-        d["labels"],
-        from_millis(at) if at is not None else None,
-        Transition(d["to"], d["transition_annotations"]),
-    )
+    transition = Transition(to, loads_map(tann))
+    return State(sid, rev, loads_map(ann), loads_map(labels), from_millis(at), transition)
 
 
 @dataclass(slots=True)
@@ -343,7 +306,7 @@ class SqliteDriver(Driver):
             sql += "ORDER BY offset LIMIT ?"
             args.append(limit + 1)
             rows = conn.execute(sql, args).fetchall()
-            items = [DelayedState(_json_state(s), from_seconds(at), off) for off, at, s in rows]
+            items = [DelayedState(loads_state(s), from_seconds(at), off) for off, at, s in rows]
             return GetDelayedStatesResult(items[:limit], len(items) > limit)
 
         result: GetDelayedStatesResult = await self._read(run)
@@ -449,7 +412,7 @@ def _get_states(conn: sqlite3.Connection, cmd: GetStatesCmd) -> GetStatesResult:
 def _insert_delayed(conn: sqlite3.Connection, delayed: DelayedState) -> int:
     cur = conn.execute(
         "INSERT INTO flowstate_delayed (execute_at, state) VALUES (?, ?)",
-        (to_seconds(delayed.execute_at), _state_json(delayed.state)),
+        (to_seconds(delayed.execute_at), dumps_state(delayed.state)),
     )
     return int(cur.lastrowid or 0)
 
@@ -476,10 +439,10 @@ class _SqliteTx:
             (
                 state.id,
                 to_millis(state.committed_at),
-                _dumps(state.annotations),
-                _dumps(state.labels),
+                dumps_map(state.annotations),
+                dumps_map(state.labels),
                 state.transition.to,
-                _dumps(state.transition.annotations),
+                dumps_map(state.transition.annotations),
             ),
         )
         state.rev = rev = int(cur.lastrowid or 0)
@@ -499,7 +462,7 @@ class _SqliteTx:
     def store_data(self, data: Data) -> None:
         cur = self.conn.execute(
             "INSERT INTO flowstate_data (annotations, blob) VALUES (?, ?)",
-            (_dumps(data.annotations), bytes(data.blob)),
+            (dumps_map(data.annotations), bytes(data.blob)),
         )
         data.rev = int(cur.lastrowid or 0)
 
@@ -509,7 +472,7 @@ class _SqliteTx:
         ).fetchone()
         if row is None:
             raise DataNotFoundError(data.rev)
-        data.annotations = _loads(row[0])
+        data.annotations = loads_map(row[0])
         data.blob = bytes(row[1])
 
     def delay(self, delayed: DelayedState) -> int:

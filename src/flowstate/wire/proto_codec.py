@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from flowstate.clock import from_millis, from_seconds, to_millis, to_seconds
 from flowstate.commands import (
@@ -702,16 +702,8 @@ def _read_get_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str)
         elif field == 6:
             at = f"{where}.result"
             _expect(wire_type, LEN, at)
-            result = cmd.result if cmd.result is not None else GetStatesResult()
-            for f, wt, x, y in _fields(buf, a, b, at):
-                if f == 1:
-                    sat = f"{at}.states[{len(result.states)}]"
-                    _expect(wt, LEN, sat)
-                    result.states.append(_state(buf, x, y, sat))
-                elif f == 2:
-                    _expect(wt, VARINT, f"{at}.more")
-                    result.more = x != 0
-            cmd.result = result
+            page = cmd.result if cmd.result is not None else GetStatesResult()
+            cmd.result = _read_page(buf, a, b, at, page, page.states, "states", _state)
     return cmd
 
 
@@ -731,17 +723,36 @@ def _read_get_delayed_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, whe
         elif field == 5:
             at = f"{where}.result"
             _expect(wire_type, LEN, at)
-            result = cmd.result if cmd.result is not None else GetDelayedStatesResult()
-            for f, wt, x, y in _fields(buf, a, b, at):
-                if f == 1:
-                    dat = f"{at}.delayed_states[{len(result.delayed_states)}]"
-                    _expect(wt, LEN, dat)
-                    result.delayed_states.append(_delayed_state(buf, x, y, dat))
-                elif f == 2:
-                    _expect(wt, VARINT, f"{at}.more")
-                    result.more = x != 0
-            cmd.result = result
+            dpage = cmd.result if cmd.result is not None else GetDelayedStatesResult()
+            items = dpage.delayed_states
+            cmd.result = _read_page(buf, a, b, at, dpage, items, "delayed_states", _delayed_state)
     return cmd
+
+
+_P = TypeVar("_P", GetStatesResult, GetDelayedStatesResult)
+_I = TypeVar("_I")
+
+
+def _read_page(
+    buf: bytes,
+    start: int,
+    stop: int,
+    where: str,
+    page: _P,
+    items: list[_I],
+    name: str,
+    read_item: Callable[[bytes, int, int, str], _I],
+) -> _P:
+    """A query's result page: repeated items (field 1) and ``more`` (field 2)."""
+    for f, wt, x, y in _fields(buf, start, stop, where):
+        if f == 1:
+            at = f"{where}.{name}[{len(items)}]"
+            _expect(wt, LEN, at)
+            items.append(read_item(buf, x, y, at))
+        elif f == 2:
+            _expect(wt, VARINT, f"{where}.more")
+            page.more = x != 0
+    return page
 
 
 _CommandReader = Callable[[bytes, int, int, _Ctxs, str], Command]
