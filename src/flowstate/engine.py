@@ -202,13 +202,19 @@ class Engine:
     async def _execute_cmd(self, cmd: ExecuteCmd) -> None:
         if cmd.sync:
             return
+        self.spawn_execution(cmd.ctx)
+
+    def spawn_execution(self, ctx: StateCtx) -> asyncio.Task[None]:
+        """Start executing a deep copy of ``ctx`` in the background and return its task.
+        Failures are logged; :meth:`shutdown` waits for (then cancels) such tasks."""
         if self._stopped:
             raise EngineStoppedError()
-        copy = cmd.ctx.deep_copy()
+        copy = ctx.deep_copy()
         self._begin()
         task = asyncio.create_task(self._background(copy))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _background(self, ctx: StateCtx) -> None:
         try:

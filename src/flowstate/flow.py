@@ -72,6 +72,16 @@ class FlowRegistry:
     def ids(self) -> list[str]:
         return sorted(self._flows)
 
+    def has_flows(self) -> bool:
+        """Whether this registry hosts any flow (the engine takes the recoverer and delayer
+        roles by default only then)."""
+        return bool(self._flows)
+
+    async def hosts(self, flow_id: str) -> bool:
+        """Whether a state transiting to ``flow_id`` can be run from this process: the recoverer
+        and the delayer leave states of flows nobody here can run (behaviour.md §3)."""
+        return flow_id in self._flows
+
 
 def _check_id(flow_id: str) -> None:
     if not isinstance(flow_id, str) or not flow_id:

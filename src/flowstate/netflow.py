@@ -187,6 +187,18 @@ class NetFlowRegistry(FlowRegistry):
         self.apply(state)
         return super().get_flow(flow_id)
 
+    def has_flows(self) -> bool:
+        """A server's registry may run flows advertised by others: always a host."""
+        return True
+
+    async def hosts(self, flow_id: str) -> bool:
+        """Whether ``flow_id`` is local or advertised by a live host in the store."""
+        try:
+            await self.lookup(flow_id)
+        except FlowNotFoundError:
+            return False
+        return True
+
     def remote_hosts(self) -> dict[str, str]:
         """Flow id -> host, for the flows this process runs through a proxy."""
         return dict(self._remote)

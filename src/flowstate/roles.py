@@ -56,6 +56,44 @@ async def in_batches(
     return done
 
 
+class ExecutionGate:
+    """Starts executions in the background for a worker, at most ``limit`` running at once.
+
+    After an outage the recoverer and the delayer may find thousands of states due at once;
+    without a gate each would start its execution immediately. :meth:`start` waits for a free
+    slot (so the worker's tick slows down instead of flooding the process), then runs the
+    execution as an engine background task, whose failures the engine logs.
+    """
+
+    def __init__(self, engine: Engine, limit: int = 64) -> None:
+        self.engine = engine
+        self.limit = limit
+        self._running = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def running(self) -> int:
+        """Executions started through this gate that have not finished."""
+        return self._running
+
+    async def start(self, ctx: StateCtx) -> None:
+        """Wait until fewer than ``limit`` executions of this gate run, then start one."""
+        while self._running >= max(self.limit, 1):
+            self._freed.clear()
+            await self._freed.wait()
+        self._running += 1
+        try:
+            task = self.engine.spawn_execution(ctx)
+        except BaseException:
+            self._release()
+            raise
+        task.add_done_callback(lambda _t: self._release())
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._freed.set()
+
+
 class Role:
     """Whether this process is the active one for the meta state ``meta_id``."""
 

@@ -369,6 +369,11 @@ class Driver(abc.ABC):
             await self._head_poller.stop()
             await self._close()
 
+    def unavailable(self) -> str | None:
+        """Why this driver cannot serve any call now (e.g. its writer thread died), or None.
+        Health checks report it; every call fails with StoreUnavailableError meanwhile."""
+        return None
+
     async def _open(self) -> None:  # noqa: B027 - optional hook
         """Connect and create the schema."""
 

@@ -233,6 +233,9 @@ def create_app(
     async def health(request: Request) -> Response:
         try:
             store = await runtime.store()
+            reason = store.unavailable()
+            if reason is not None:
+                return JSONResponse({"status": "unavailable", "error": reason}, 503)
             head = await asyncio.wait_for(store.head_rev(), 5.0)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
