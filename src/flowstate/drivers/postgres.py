@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.exceptions._base
 import xxhash
 
 from flowstate.clock import Clock, from_millis, from_seconds, to_millis, to_seconds
@@ -103,6 +105,90 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InternalClientError,  # a protocol confused by a server-side drop
 )
+
+#: Input PostgreSQL (or asyncpg, encoding an argument) refused: reported as ValidationError.
+#: asyncpg raises ``exceptions._base.DataError`` (an InterfaceError, so it must be told apart
+#: from a broken connection before _CONNECTION_ERRORS is checked) for an argument it cannot
+#: encode, e.g. text with a lone surrogate; ``exceptions.DataError`` is SQLSTATE class 22 (NUL in
+#: text or jsonb, bad values), ProgramLimitExceededError class 54 (an index row over the btree
+#: limit, too many arguments).
+_DATA_ERRORS = (
+    asyncpg.exceptions._base.DataError,
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+)
+#: The field an index row error is about, by index.
+_INDEX_FIELDS = {
+    "flowstate_latest_pkey": "current.id",
+    "flowstate_states_by_id": "current.id",
+    "flowstate_states_by_labels": "current.labels",
+}
+#: The fields of the arguments of flowstate_store_versions and flowstate_commit_one.
+_STORE_FIELDS = (
+    "current.id",
+    "expected rev",
+    "rev",
+    "committed_at",
+    "current.annotations",
+    "current.labels",
+    "current.transition.to",
+    "current.transition.annotations",
+)
+_COMMIT_ONE_FIELDS = _STORE_FIELDS[:2] + _STORE_FIELDS[3:]
+
+
+def _invalid(
+    exc: BaseException, fields: Sequence[str] = (), default: str = "input"
+) -> ValidationError:
+    """The ValidationError for input refused by asyncpg or PostgreSQL; ``fields`` names the
+    statement's arguments ($1, $2, ...) so that the field can be named where it is known."""
+    text = str(exc).split("\n", 1)[0]
+    field = default
+    context = f"{text} {getattr(exc, 'context', '') or ''}"
+    arg = re.search(r"(?:query argument|portal parameter) \$(\d+)", context)
+    index = re.search(r'for index "(\w+)"', text)
+    if arg and 0 < int(arg.group(1)) <= len(fields):
+        field = fields[int(arg.group(1)) - 1]
+    elif index and index.group(1) in _INDEX_FIELDS:
+        field = _INDEX_FIELDS[index.group(1)]
+    return ValidationError(field, f"refused by PostgreSQL: {text}")
+
+
+#: How long a cancelled write waits for the server to settle it (see PostgresDriver._guarded).
+CANCEL_SETTLE_LIMIT = 5.0
+
+
+class _Landed(asyncio.CancelledError):
+    """A write that was cancelled but landed regardless, with its result: the committing
+    caller makes it visible before the cancellation goes on. Anyone else sees a
+    CancelledError."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self.result = result
+
+
+class _NotRun(Exception):
+    """A write that surely did not reach the server (its connection was known broken)."""
+
+
+class _Phase:
+    """How far one guarded write went, shared by the task running it and its guard.
+
+    ``cancelled`` is set by the guard when its caller is cancelled. ``may_land`` is set by the
+    work once it sends what commits (COMMIT, or a statement in autocommit): from then on, a
+    write the server does not settle is CommitUnknownError. ``interruptible`` is cleared once
+    COMMIT is sent: the server is no longer asked to cancel it, so that its answer is the
+    outcome. The work checks ``cancelled`` and sets the other two with no await in between,
+    so once the guard has set ``cancelled`` and seen ``may_land`` false, no COMMIT is sent.
+    """
+
+    __slots__ = ("cancelled", "interruptible", "may_land")
+
+    def __init__(self, *, may_land: bool = False) -> None:
+        self.cancelled = False
+        self.may_land = may_land
+        self.interruptible = True
 
 
 def _row_state(row: Any) -> State:
@@ -319,14 +405,22 @@ class PostgresDriver(Driver):
             raise FlowstateError("PostgresDriver is not open")
         return self._pool
 
-    async def _read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run a read, retrying on a broken connection (reads are idempotent)."""
+    async def _read(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], field: str = "input"
+    ) -> T:
+        """Run a read, retrying on a broken connection (reads are idempotent). Input the server
+        refuses is a ValidationError about ``field``.
+
+        A cancelled read needs no guard: asyncpg's pool, on release, waits for the server to
+        cancel the statement and rolls back, and a read takes no lock that outlives it."""
         pool = self._need_pool()
         for attempt in range(3):
             conn = None
             try:
                 conn = await pool.acquire()
                 return await fn(conn)
+            except _DATA_ERRORS as exc:
+                raise _invalid(exc, (), field) from None
             except _CONNECTION_ERRORS as exc:
                 if conn is not None:
                     _discard(conn)  # never hand a broken connection back out
@@ -340,61 +434,136 @@ class PostgresDriver(Driver):
 
     async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in a transaction. A broken connection while committing is reported
-        as CommitUnknownError; before that, as StoreUnavailableError (nothing stored)."""
+        as CommitUnknownError; before that, as StoreUnavailableError (nothing stored). A
+        cancelled write has an exact outcome (see :meth:`_guarded`)."""
         pool = self._need_pool()
         for attempt in range(3):
             conn = await _acquire(pool, attempt)
             if conn is None:
                 continue
-            tx = conn.transaction()
+            # no await between acquiring and the try: the connection always goes back
             try:
-                await tx.start()
-            except _CONNECTION_ERRORS as exc:
+                phase = _Phase()
+                return await self._guarded(conn, phase, _transaction(conn, phase, fn))
+            except _NotRun as exc:
                 # nothing was sent but BEGIN: safe to retry on a fresh connection
-                _discard(conn)
-                await pool.release(conn)
                 if attempt == 2:
                     raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-                continue
-            break
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
+    async def _guarded(
+        self, conn: asyncpg.Connection, phase: _Phase, work: Coroutine[Any, Any, T]
+    ) -> T:
+        """Await ``work``, the statements of one write on ``conn``, giving a cancellation of the
+        caller an exact outcome.
+
+        The work runs in a task of its own, so asyncpg never sees the caller's cancellation
+        (asyncpg would drop the statement's answer, and closing the connection would leave the
+        statement running on the server, where it may still commit). Instead, when the caller
+        is cancelled, the work is told to send no COMMIT, the server is asked to cancel the
+        running statement (a COMMIT already sent is left to finish: it waits on no lock), and
+        the caller waits, at most CANCEL_SETTLE_LIMIT seconds, for the server's answer:
+
+        * the work completed: it landed; :class:`_Landed` carries its result;
+        * it failed (cancelled on the server, or any error): nothing landed; CancelledError;
+        * no answer in time: the connection is closed; CommitUnknownError if what commits was
+          sent (``phase.may_land``), else CancelledError.
+
+        The connection is closed afterwards in every case: a cancel request may still be on its
+        way to its server process, and a statement cancelled inside ``flowstate_alloc_revs`` may
+        leave the session-level rev lock held.
+        """
+        task = asyncio.ensure_future(work)
         try:
-            try:
-                result = await fn(conn)
-            except BaseException as exc:
-                if isinstance(exc, _CONNECTION_ERRORS):
-                    _discard(conn)
-                    raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-                if not isinstance(exc, FlowstateError):
-                    # failed or cancelled inside a statement, maybe holding the rev lock
-                    _discard(conn)
-                    raise
-                with contextlib.suppress(Exception):
-                    await tx.rollback()
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            phase.cancelled = True
+            settled = await self._settle(conn, phase, task)
+            _discard(conn)
+            if not settled:
+                task.cancel()
+                task.add_done_callback(_retrieve)
+                if phase.may_land:
+                    raise CommitUnknownError(
+                        "cancelled while committing and the server did not answer in "
+                        f"{CANCEL_SETTLE_LIMIT} s; the commit may or may not be stored"
+                    ) from None
                 raise
-            try:
-                await tx.commit()
-            except _CONNECTION_ERRORS as exc:
-                _discard(conn)
-                raise CommitUnknownError(
-                    f"connection lost while committing; the commit may or may not be stored: {exc}"
-                ) from exc
-            return result
+            if task.cancelled():
+                raise
+            exc = task.exception()
+            if exc is None:
+                raise _Landed(task.result()) from None
+            if isinstance(exc, CommitUnknownError):
+                raise exc from None
+            raise  # it failed: nothing landed, the cancellation stands
+
+    async def _settle(
+        self, conn: asyncpg.Connection, phase: _Phase, task: asyncio.Future[Any]
+    ) -> bool:
+        """Wait until ``task`` ends, at most CANCEL_SETTLE_LIMIT seconds, asking the server
+        meanwhile to cancel what ``conn`` runs (unless a COMMIT is in flight); whether it
+        ended. Further cancellations of the caller are absorbed: the wait is bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_SETTLE_LIMIT
+        canceller = None
+        if not task.done() and phase.interruptible:
+            pid = conn.get_server_pid()
+            canceller = asyncio.ensure_future(self._cancel_backend(pid, task, deadline))
+            canceller.add_done_callback(_retrieve)
+        try:
+            while not task.done() and loop.time() < deadline:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task}, timeout=deadline - loop.time())
         finally:
-            await pool.release(conn)
+            if canceller is not None:
+                canceller.cancel()
+        return task.done()
 
-    # the driver API
+    async def _cancel_backend(self, pid: int, task: asyncio.Future[Any], deadline: float) -> None:
+        """Ask the server to cancel the statement server process ``pid`` runs, again every
+        0.1 s until ``task`` ends: a request that arrives between two statements is ignored.
+        Runs on a connection of its own (the pool may be exhausted by the very writes
+        being cancelled)."""
+        loop = asyncio.get_running_loop()
+        conn = await asyncpg.connect(
+            self.dsn,
+            timeout=max(0.1, deadline - loop.time()),
+            server_settings={"application_name": f"flowstate-cancel:{self.schema}"},
+        )
+        try:
+            while not task.done():
+                await conn.fetchval("SELECT pg_cancel_backend($1)", pid)
+                await asyncio.wait({task}, timeout=0.1)
+        finally:
+            conn.terminate()
 
-    async def commit(self, cmd: CommitCmd) -> None:
-        now = self.clock.now()
-        if _versions_only(cmd):
-            outcome = await self._commit_one(cmd, now)
-        else:
-            outcome = await self._commit_in_transaction(cmd, now)
+    def _announce(self, outcome: CommitOutcome) -> None:
+        """Make a stored commit visible: to its ctxs, local watchers and other processes."""
         outcome.apply()
         if outcome.max_rev:
             self._own_rev = max(self._own_rev, outcome.max_rev)
             self.notifier.notify(outcome.max_rev)
             self._publish(outcome.max_rev)
+
+    # the driver API
+
+    async def commit(self, cmd: CommitCmd) -> None:
+        """Store a commit. Cancelled, it either did not land (CancelledError, the ctxs
+        unchanged) or landed and is announced like any commit before CancelledError goes on;
+        CommitUnknownError when the server could not tell which (see :meth:`_guarded`)."""
+        now = self.clock.now()
+        try:
+            if _versions_only(cmd):
+                outcome = await self._commit_one(cmd, now)
+            else:
+                outcome = await self._commit_in_transaction(cmd, now)
+        except _Landed as landed:
+            self._announce(landed.result)
+            raise asyncio.CancelledError from None
+        self._announce(outcome)
 
     async def _commit_in_transaction(self, cmd: CommitCmd, now: datetime) -> CommitOutcome:
         # delayed states inside the commit take their offsets from the same block
@@ -418,60 +587,49 @@ class PostgresDriver(Driver):
         if not staged:
             return outcome
         states = [s for s, _ in staged]
-        first = await self._one_statement(
-            _COMMIT_ONE_SQL,
-            [s.id for s in states],
-            [e for _, e in staged],
-            [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-            [dumps_map(s.annotations) for s in states],
-            [dumps_map(s.labels) for s in states],
-            [s.transition.to for s in states],
-            [dumps_map(s.transition.annotations) for s in states],
-        )
-        for _, work in outcome.pairs:
-            for state in (work.current, work.committed):
-                if state.rev < 0:
-                    state.rev = first - state.rev - 1
-        outcome.max_rev = first + len(states) - 1
+        try:
+            first = await self._one_statement(
+                _COMMIT_ONE_SQL,
+                _COMMIT_ONE_FIELDS,
+                [s.id for s in states],
+                [e for _, e in staged],
+                [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
+                [dumps_map(s.annotations) for s in states],
+                [dumps_map(s.labels) for s in states],
+                [s.transition.to for s in states],
+                [dumps_map(s.transition.annotations) for s in states],
+            )
+        except _Landed as landed:
+            _renumber(outcome, int(landed.result), len(states))
+            raise _Landed(outcome) from None
+        _renumber(outcome, first, len(states))
         return outcome
 
-    async def _one_statement(self, sql: str, *args: Any) -> int:
+    async def _one_statement(self, sql: str, fields: Sequence[str], *args: Any) -> int:
         """Run a committing statement in autocommit. Retried only while it surely did not run;
-        a connection lost while it ran is CommitUnknownError."""
+        a connection lost while it ran is CommitUnknownError. A cancelled statement has an
+        exact outcome (see :meth:`_guarded`): the server's answer to its cancellation."""
         pool = self._need_pool()
         for attempt in range(3):
             conn = await _acquire(pool, attempt)
             if conn is None:
                 continue
+            # no await between acquiring and the try: the connection always goes back
             try:
-                return int(await conn.fetchval(sql, *args))
-            except (*_NOT_RUN_ERRORS, *_CONNECTION_ERRORS) as exc:
-                _discard(conn)
-                if not _not_run(exc):
-                    raise CommitUnknownError(
-                        "connection lost while committing; "
-                        f"the commit may or may not be stored: {exc}"
-                    ) from exc
+                phase = _Phase(may_land=True)  # its implicit transaction commits at its end
+                return await self._guarded(conn, phase, _statement(conn, sql, fields, args))
+            except _NotRun as exc:
                 if attempt == 2:
                     raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate == _CONFLICT_SQLSTATE:
-                    ids = json.loads(exc.detail or "[]")
-                    raise RevMismatchError(_in_order(ids, args[0])) from None
-                _discard(conn)  # failed midway, maybe holding the rev lock
-                raise
-            except BaseException:
-                _discard(conn)  # cancelled midway, maybe holding the rev lock
-                raise
             finally:
                 await pool.release(conn)
         raise AssertionError("unreachable")
 
     async def get_state(self, state_id: str, rev: int) -> State:
-        return await self._read(lambda conn: _get_state(conn, state_id, rev))
+        return await self._read(lambda conn: _get_state(conn, state_id, rev), "id")
 
     async def get_state_by_labels(self, labels: Mapping[str, str]) -> State:
-        return await self._read(lambda conn: _get_state_by_labels(conn, labels))
+        return await self._read(lambda conn: _get_state_by_labels(conn, labels), "labels")
 
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
         own = self._own_rev
@@ -481,7 +639,7 @@ class PostgresDriver(Driver):
                 await self._catch_up(conn, own)
             return await _get_states(conn, cmd)
 
-        return await self._read(run)
+        return await self._read(run, "labels")
 
     async def _catch_up(self, conn: asyncpg.Connection, rev: int) -> None:
         """Read your own writes: wait (briefly) until ``rev``, committed by this driver, is
@@ -524,7 +682,14 @@ class PostgresDriver(Driver):
         return await self._read(run)
 
     async def store_data(self, data: Data) -> None:
-        await self._write(lambda conn: _store_data(conn, data))
+        """Store ``data``; ``data.rev`` is set only once the data is stored (also when the call
+        was cancelled after it landed)."""
+        try:
+            rev = await self._write(lambda conn: _store_data(conn, data))
+        except _Landed as landed:
+            data.rev = landed.result
+            raise asyncio.CancelledError from None
+        data.rev = rev
 
     async def get_data(self, data: Data) -> None:
         await self._read(lambda conn: _get_data(conn, data))
@@ -534,6 +699,88 @@ class PostgresDriver(Driver):
             return int(await conn.fetchval(_HEAD_SQL) or 0)
 
         return await self._read(run)
+
+
+async def _transaction(
+    conn: asyncpg.Connection, phase: _Phase, fn: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """BEGIN, ``fn`` and COMMIT on ``conn``: the work of a guarded transactional write."""
+    tx = conn.transaction()
+    try:
+        await tx.start()
+    except _CONNECTION_ERRORS as exc:
+        _discard(conn)
+        raise _NotRun(str(exc)) from exc
+    try:
+        result = await fn(conn)
+    except FlowstateError:
+        # raised between statements (a conflict, a missing state, refused input): the
+        # connection is sound and the rev lock released
+        with contextlib.suppress(Exception):
+            await tx.rollback()
+        raise
+    except BaseException as exc:
+        _discard(conn)  # failed or cancelled inside a statement, maybe holding the rev lock
+        if isinstance(exc, _DATA_ERRORS):
+            raise _invalid(exc) from None
+        if isinstance(exc, _CONNECTION_ERRORS):
+            raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+        raise
+    if phase.cancelled:  # the caller was cancelled while fn ran: store nothing
+        _discard(conn)  # the server may still receive a cancel request meant for fn
+        raise asyncio.CancelledError
+    phase.may_land, phase.interruptible = True, False
+    try:
+        await tx.commit()
+    except _CONNECTION_ERRORS as exc:
+        _discard(conn)
+        raise CommitUnknownError(
+            f"connection lost while committing; the commit may or may not be stored: {exc}"
+        ) from exc
+    return result
+
+
+async def _statement(
+    conn: asyncpg.Connection, sql: str, fields: Sequence[str], args: Sequence[Any]
+) -> int:
+    """A committing statement in autocommit: the work of a guarded one-statement write."""
+    try:
+        return int(await conn.fetchval(sql, *args))
+    except _DATA_ERRORS as exc:
+        if isinstance(exc, asyncpg.PostgresError):
+            _discard(conn)  # failed on the server, midway: maybe holding the rev lock
+        raise _invalid(exc, fields) from None
+    except (*_NOT_RUN_ERRORS, *_CONNECTION_ERRORS) as exc:
+        _discard(conn)
+        if not _not_run(exc):
+            raise CommitUnknownError(
+                f"connection lost while committing; the commit may or may not be stored: {exc}"
+            ) from exc
+        raise _NotRun(str(exc)) from exc
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == _CONFLICT_SQLSTATE:
+            ids = json.loads(exc.detail or "[]")
+            raise RevMismatchError(_in_order(ids, args[0])) from None
+        _discard(conn)  # failed midway, maybe holding the rev lock
+        raise
+    except BaseException:
+        _discard(conn)  # cancelled midway, maybe holding the rev lock
+        raise
+
+
+def _renumber(outcome: CommitOutcome, first: int, count: int) -> None:
+    """Give the staged versions of a one-statement commit their revs, from ``first``."""
+    for _, work in outcome.pairs:
+        for state in (work.current, work.committed):
+            if state.rev < 0:
+                state.rev = first - state.rev - 1
+    outcome.max_rev = first + count - 1
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume the outcome of a task nobody awaits, so that asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _get_state(conn: asyncpg.Connection, state_id: str, rev: int) -> State:
@@ -583,7 +830,13 @@ def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
         since = f"s.rev > ${len(args)}"
     latest = ""
     if cmd.latest_only:
-        latest = " AND s.rev = (SELECT l.rev FROM flowstate_latest l WHERE l.id = s.id)"
+        # the latest *visible* version: flowstate_latest may name a rev beyond the horizon,
+        # which would hide the state while a lower rev of it is visible (one probe of
+        # flowstate_states_by_id per row; a heap visit only for a row that is not the latest)
+        latest = (
+            " AND NOT EXISTS (SELECT 1 FROM flowstate_states n "
+            f"WHERE n.id = s.id AND n.rev > s.rev AND n.xid < {_HORIZON})"
+        )
     sql = (
         f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {since} AND {where}{latest} "
         f"ORDER BY s.rev LIMIT {int(cmd.limit) + 1}"
@@ -612,12 +865,19 @@ async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesR
 
 async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState, offset: int) -> None:
     sql = 'INSERT INTO flowstate_delayed ("offset", execute_at, state) VALUES ($1, $2, $3::jsonb)'
-    await conn.execute(sql, offset, to_seconds(delayed.execute_at), dumps_state(delayed.state))
+    try:
+        await conn.execute(sql, offset, to_seconds(delayed.execute_at), dumps_state(delayed.state))
+    except _DATA_ERRORS as exc:
+        raise _invalid(exc, ("offset", "execute_at", "delayed state")) from None
 
 
-async def _store_data(conn: asyncpg.Connection, data: Data) -> None:
+async def _store_data(conn: asyncpg.Connection, data: Data) -> int:
+    """Insert ``data``; its new data rev (the caller sets ``data.rev`` once it is stored)."""
     sql = "INSERT INTO flowstate_data (annotations, blob) VALUES ($1::jsonb, $2) RETURNING rev"
-    data.rev = int(await conn.fetchval(sql, dumps_map(data.annotations), bytes(data.blob)))
+    try:
+        return int(await conn.fetchval(sql, dumps_map(data.annotations), bytes(data.blob)))
+    except _DATA_ERRORS as exc:
+        raise _invalid(exc, ("data.annotations", "data.blob")) from None
 
 
 async def _get_data(conn: asyncpg.Connection, data: Data) -> None:
@@ -698,7 +958,7 @@ class _PgTx:
         return await _get_state_by_labels(self.conn, labels)
 
     async def store_data(self, data: Data) -> None:
-        await _store_data(self.conn, data)
+        data.rev = await _store_data(self.conn, data)  # a work copy: applied once committed
 
     async def get_data(self, data: Data) -> None:
         await _get_data(self.conn, data)
@@ -713,16 +973,19 @@ class _PgTx:
         if not self.staged:
             return
         states = [s for s, _ in self.staged]
-        conflicts = await self.conn.fetchval(
-            "SELECT flowstate_store_versions($1, $2, $3, $4, $5, $6, $7, $8)",
-            [s.id for s in states],
-            [e for _, e in self.staged],
-            [s.rev for s in states],
-            [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-            [dumps_map(s.annotations) for s in states],
-            [dumps_map(s.labels) for s in states],
-            [s.transition.to for s in states],
-            [dumps_map(s.transition.annotations) for s in states],
-        )
+        try:
+            conflicts = await self.conn.fetchval(
+                "SELECT flowstate_store_versions($1, $2, $3, $4, $5, $6, $7, $8)",
+                [s.id for s in states],
+                [e for _, e in self.staged],
+                [s.rev for s in states],
+                [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
+                [dumps_map(s.annotations) for s in states],
+                [dumps_map(s.labels) for s in states],
+                [s.transition.to for s in states],
+                [dumps_map(s.transition.annotations) for s in states],
+            )
+        except _DATA_ERRORS as exc:
+            raise _invalid(exc, _STORE_FIELDS) from None
         if conflicts:
             raise RevMismatchError(_in_order(conflicts, [s.id for s in states]))
