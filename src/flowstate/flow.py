@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from flowstate.commands import Command
 from flowstate.errors import FlowNotFoundError, ValidationError
+from flowstate.perform import MAX_FLOW_ID_BYTES, check_text
 from flowstate.state import StateCtx
 
 if TYPE_CHECKING:
@@ -84,8 +85,10 @@ class FlowRegistry:
 
 
 def _check_id(flow_id: str) -> None:
+    """A flow id must be one that a transition can carry (the caps of docs/limits.md)."""
     if not isinstance(flow_id, str) or not flow_id:
         raise ValidationError("flow_id", "flow id empty")
+    check_text(flow_id, "flow_id", MAX_FLOW_ID_BYTES)
 
 
 def _as_async(flow: FlowFunc | Flow) -> AsyncFlow:

@@ -91,6 +91,24 @@ def unstack(cmd: UnstackCmd) -> None:
 MAX_LIMIT = 1_000_000
 _INT64_MAX = 2**63 - 1
 
+# Caps on stored text and on queries, the same on every driver (docs/limits.md). Lengths count
+# bytes of UTF-8, as the stores do: PostgreSQL refuses a btree entry above ~2.7 kB (ids are
+# indexed), and SQLite and PostgreSQL fail on a query with too many label conditions.
+#: The longest state id.
+MAX_ID_BYTES = 1024
+#: The longest flow id (a transition's ``to``, a registered flow).
+MAX_FLOW_ID_BYTES = 1024
+#: The longest label key and label value.
+MAX_LABEL_KEY_BYTES = 256
+MAX_LABEL_VALUE_BYTES = 1024
+#: The longest annotation key (values have no cap here: the request size limit bounds them).
+MAX_ANNOTATION_KEY_BYTES = 256
+#: The most labels one state may carry.
+MAX_STATE_LABELS = 256
+#: The most label sets one query may OR together, and the most labels in all its sets.
+MAX_QUERY_LABEL_SETS = 64
+MAX_QUERY_LABELS = 256
+
 
 def check_committable(ctx: StateCtx) -> None:
     """Validate the state a commit is about to store."""
@@ -99,20 +117,38 @@ def check_committable(ctx: StateCtx) -> None:
         raise ValidationError("current.id", "state id empty")
     if not isinstance(state.id, str):
         raise ValidationError("current.id", "state id must be a string")
-    check_text(state.id, "current.id")
-    check_map(state.labels, "current.labels")
-    check_map(state.annotations, "current.annotations")
-    check_map(state.transition.annotations, "current.transition.annotations")
+    check_text(state.id, "current.id", MAX_ID_BYTES)
+    check_labels(state.labels, "current.labels")
+    check_annotations(state.annotations, "current.annotations")
+    check_annotations(state.transition.annotations, "current.transition.annotations")
     if not isinstance(state.transition.to, str):
         raise ValidationError("current.transition.to", "must be a string")
-    check_text(state.transition.to, "current.transition.to")
+    check_text(state.transition.to, "current.transition.to", MAX_FLOW_ID_BYTES)
 
 
-def check_text(value: str, field: str) -> None:
-    """Text the stores keep must not contain NUL (PostgreSQL cannot store it; we refuse it on
-    every driver so that a store can move between drivers)."""
+def check_text(value: str, field: str, max_bytes: int | None = None) -> None:
+    """Text a store keeps: valid Unicode (a lone surrogate has no UTF-8 form, so no store
+    could keep it), no NUL (PostgreSQL cannot store it; refused on every driver so that a
+    store can move between drivers), and at most ``max_bytes`` bytes of UTF-8."""
+    problem = _text_problem(value, max_bytes)
+    if problem:
+        raise ValidationError(field, problem)
+
+
+def _text_problem(value: str, max_bytes: int | None) -> str:
+    """What is wrong with ``value`` as stored text, or "" if nothing."""
+    if value.isascii():  # O(1) in CPython: ASCII has no surrogates and one byte a character
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "must be valid Unicode: a lone surrogate cannot be stored"
+    if max_bytes is not None and size > max_bytes:
+        return f"is {size:,} bytes of UTF-8; at most {max_bytes:,} allowed"
     if "\x00" in value:
-        raise ValidationError(field, "must not contain a NUL character")
+        return "must not contain a NUL character"
+    return ""
 
 
 def check_int64(value: object, field: str, low: int = 0) -> None:
@@ -120,8 +156,37 @@ def check_int64(value: object, field: str, low: int = 0) -> None:
         raise ValidationError(field, f"must be an integer in {low}..{_INT64_MAX}")
 
 
+def check_labels(labels: Mapping[str, str], field: str, max_items: int = MAX_STATE_LABELS) -> None:
+    """A state's labels, or the labels a query matches: at most ``max_items`` pairs, keys and
+    values within their caps."""
+    if len(labels) > max_items:
+        raise ValidationError(field, f"{len(labels):,} labels; at most {max_items:,} allowed")
+    _check_map(labels, field, "label key", MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES)
+
+
+def check_annotations(annotations: Mapping[str, str], field: str) -> None:
+    """Annotations (of a state, a transition or a data): keys within their cap."""
+    _check_map(annotations, field, "annotation key", MAX_ANNOTATION_KEY_BYTES, None)
+
+
 def check_map(values: Mapping[str, str], field: str) -> None:
-    """Keys must be non-empty strings and values strings (the wire cannot carry anything else)."""
+    """:func:`check_labels` for a field named like labels (``current.labels``, ``labels[2]``,
+    ``get_state_by_labels.labels``), else :func:`check_annotations`.
+
+    The drivers, the engine and the server check the labels of ``get_state_by_labels``
+    through this name, so the label caps reach every one of them.
+    """
+    if field.rpartition(".")[2].startswith("labels"):
+        check_labels(values, field)
+    else:
+        check_annotations(values, field)
+
+
+def _check_map(
+    values: Mapping[str, str], field: str, key_kind: str, key_max: int, value_max: int | None
+) -> None:
+    """Keys must be non-empty strings and values strings (the wire cannot carry anything else),
+    all of them valid stored text within the caps."""
     for key, value in values.items():
         if not isinstance(key, str) or not key:
             raise ValidationError(field, f"key {key!r} must be a non-empty string")
@@ -129,8 +194,21 @@ def check_map(values: Mapping[str, str], field: str) -> None:
             raise ValidationError(
                 f"{field}[{key!r}]", f"value must be a string, got {type(value).__name__}"
             )
-        check_text(key, field)
-        check_text(value, f"{field}[{key!r}]")
+        # The common case (short ASCII) inline: this runs for every pair of every commit.
+        if not (key.isascii() and len(key) <= key_max and "\x00" not in key):
+            problem = _text_problem(key, key_max)
+            if problem:
+                raise ValidationError(field, f"{key_kind} {_short(key)} {problem}")
+        if (
+            not (value.isascii() and (value_max is None or len(value) <= value_max))
+            or "\x00" in value
+        ):
+            check_text(value, f"{field}[{key!r}]", value_max)
+
+
+def _short(text: str) -> str:
+    """``text`` quoted for a message, shortened past 40 characters (a key may be kilobytes)."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "…"
 
 
 def check_commit(cmd: CommitCmd) -> None:
@@ -157,7 +235,7 @@ def check_get_state_by_id(cmd: GetStateByIdCmd) -> None:
     if not isinstance(cmd.rev, int) or cmd.rev < 0:
         raise ValidationError("rev", "rev must be >= 0")
     check_int64(cmd.rev, "rev")
-    check_text(cmd.id, "id")
+    check_text(cmd.id, "id", MAX_ID_BYTES)
 
 
 def normalize_get_states(cmd: GetStatesCmd) -> None:
@@ -168,8 +246,19 @@ def normalize_get_states(cmd: GetStatesCmd) -> None:
     if not isinstance(cmd.since_rev, int) or cmd.since_rev < -1:
         raise ValidationError("since_rev", "since_rev must be >= 0, or -1 for since latest")
     check_int64(cmd.since_rev, "since_rev", -1)
+    # Every label is one condition in the stores' SQL: SQLite stops at an expression depth of
+    # 1,000, PostgreSQL at 32,767 arguments. Refuse big queries before they reach a store.
+    if len(cmd.labels) > MAX_QUERY_LABEL_SETS:
+        raise ValidationError(
+            "labels", f"{len(cmd.labels):,} label sets; at most {MAX_QUERY_LABEL_SETS} allowed"
+        )
+    total = sum(len(labels) for labels in cmd.labels)
+    if total > MAX_QUERY_LABELS:
+        raise ValidationError(
+            "labels", f"{total:,} labels in all sets; at most {MAX_QUERY_LABELS} allowed"
+        )
     for i, labels in enumerate(cmd.labels):
-        check_map(labels, f"labels[{i}]")
+        check_labels(labels, f"labels[{i}]")
 
 
 def _check_limit(limit: object) -> None:
@@ -204,7 +293,7 @@ def prepare_store_data(cmd: StoreDataCmd) -> Data | None:
         raise ValidationError("rev", "data rev is negative")
     if not isinstance(data.blob, bytes | bytearray):
         raise ValidationError("blob", f"data blob must be bytes, got {type(data.blob).__name__}")
-    check_map(data.annotations, "data.annotations")
+    check_annotations(data.annotations, "data.annotations")
     if not data.dirty():
         link_data(cmd, data)
         return None
