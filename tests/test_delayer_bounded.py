@@ -271,6 +271,62 @@ async def test_a_due_state_of_an_unhosted_flow_is_left_and_fired_once_hosted(
         assert [v.transition.to for v in await history(engine, "orphan")][:2] == ["", "fire"]
 
 
+async def test_many_due_states_of_an_unhosted_flow_keep_the_meta_small(
+    store: Callable[[], fs.Driver],
+) -> None:
+    """More owed entries than the meta state may list (100 due states of a flow nobody hosts):
+    the annotations stay under 4 KiB, nothing is lost across a restart — the owed ones fire
+    once a host appears — and what fired meanwhile may fire again after it, which the rev
+    check makes harmless with ``commit`` (each hosted state runs exactly once)."""
+    runs: list[str] = []
+
+    def registry(hosts_gone: bool) -> fs.FlowRegistry:
+        reg = fs.FlowRegistry()
+        for flow_id in ("fire", "gone") if hosts_gone else ("fire",):
+
+            @reg.flow(flow_id)
+            async def record(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+                runs.append(ctx.current.id)
+                return fs.commit(fs.park(ctx))
+
+        return reg
+
+    async with cluster(store) as c:
+        first = await c.engine(registry(hosts_gone=False), recovery=False)
+        d = the_delayer(first)
+        at = c.clock.now()
+        await first.do(
+            *(
+                fs.delay_until(new_ctx(f"gone-{i}"), "gone", at + timedelta(seconds=5))
+                for i in range(100)
+            )
+        )
+        await first.do(
+            *(
+                fs.delay_until(new_ctx(f"fire-{i}"), "fire", at + timedelta(seconds=6))
+                for i in range(30)
+            )
+        )
+        c.clock.advance(10)
+        await ticks(c.clock, d, 3)
+        await until(lambda: len(runs) == 30, "the hosted firings")
+        assert d.stats().unhosted == {"gone": 100}
+        size = annotations_size(await latest(first, delayer.META_ID))
+        assert size < 4096, f"meta annotations grew to {size} characters"
+        await first.shutdown()
+        reader = await c.engine(fs.FlowRegistry(), recovery=False, delayer=False)
+        size = annotations_size(await latest(reader, delayer.META_ID))
+        assert size < 4096, f"meta annotations grew to {size} characters on release"
+
+        second = await c.engine(registry(hosts_gone=True), recovery=False)
+        await ticks(c.clock, the_delayer(second), 3)
+        await until(lambda: len(runs) == 130, "the owed firings")
+        await ticks(c.clock, the_delayer(second))
+        assert sorted(runs) == sorted(
+            [f"gone-{i}" for i in range(100)] + [f"fire-{i}" for i in range(30)]
+        )
+
+
 # -- item 13: the meta state as Go reads and writes it ---------------------------------------
 
 

@@ -60,12 +60,14 @@ class Progress:
 
     * T and O only grow. O advances over delayed states read in offset order (the scan); T over
       time whose due delayed states have all fired, or were recorded in ``owed``.
-    * ``owed`` never loses an entry: when it is full the watermark stops short of the next
-      entry that would need it (T just below its execute_at, or O just below its offset).
+    * ``owed`` never loses an entry. In memory it is not capped (every owed entry is also held
+      in memory, due but not fired: a flow nobody hosts, a failing firing); when it holds more
+      than ``LIST_CAP`` offsets the *stored* T is lowered to just below the earliest of them
+      and none is listed, so the stored claim still holds (see :meth:`Delayer._stored`).
     * ``fired`` may lose entries (capped when stored): such a delayed state fires again after a
       restart — harmless with ``commit`` (its commit fails on rev), a second execution with
-      ``commit=False``. It is only ever non-empty while T is held back by an entry that can
-      not fire and does not fit in ``owed``.
+      ``commit=False``. So does anything fired after a lowered stored T. In normal operation
+      both lists are empty: T follows the clock over what fired.
 
     This is also what Go's loaders assume: they read ``(since, now+1m]`` from offset 0 and
     offsets above ``offset``, so a Go delayer resuming from it misses nothing.
@@ -367,7 +369,7 @@ class Delayer(RoleWorker):
         """Read the delayed states added since the offset watermark O, in offset order, at
         most ``scan_pages`` pages per tick, and move O past them: one due at or before T (a
         state delayed into the past) becomes owed; one in the loaded window is held; a later
-        one is left to the window. Stops short of a late one that does not fit in ``owed``."""
+        one is left to the window."""
         p = self._progress_now
         self._scan_more = False
         for _ in range(self.scan_pages):
@@ -379,9 +381,6 @@ class Delayer(RoleWorker):
                 if d.offset in p.fired:
                     p.fired[d.offset] = at
                 elif at <= p.since:
-                    if len(p.owed) >= LIST_CAP:
-                        self._drop_above(p.offset)
-                        return  # O stays below it: the next scans find it again
                     p.owed.add(d.offset)
                     self._hold(d)
                 elif at <= self._window_end:
@@ -464,35 +463,32 @@ class Delayer(RoleWorker):
         await self._gate.start(ctx)
 
     def _advance(self, now: datetime) -> None:
-        """Move T up to min(now, W), over every due entry that fired; an entry still pending
-        there becomes owed while ``owed`` has room, else T stops just below it."""
+        """Move T up to min(now, W): every due entry there fired, or is still pending and
+        becomes owed (in memory ``owed`` is not capped: it is a subset of what we hold)."""
         p = self._progress_now
         target = min(to_seconds(now), self._window_end)
         if target <= p.since:
             return
-        stuck = sorted(
-            (d for d in self._pending.values() if to_seconds(d.execute_at) <= target),
-            key=lambda d: (d.execute_at, d.offset),
-        )
-        added: list[DelayedState] = []
-        for d in stuck:
-            if d.offset in p.owed:
-                continue
-            if len(p.owed) < LIST_CAP:
+        for d in self._pending.values():
+            if to_seconds(d.execute_at) <= target:
                 p.owed.add(d.offset)
-                added.append(d)
-                continue
-            target = to_seconds(d.execute_at) - 1
-            for a in added:  # owed means covered: these stay above T, merely pending
-                if to_seconds(a.execute_at) > target:
-                    p.owed.discard(a.offset)
-            break
-        if target > p.since:
-            p.since = target
-            p.prune()
+        p.since = target
+        p.prune()
+
+    def _stored(self) -> Progress:
+        """The progress to store: the one in memory, unless more entries are owed than the
+        meta state may list. Then T is stored just below the earliest owed entry (none is
+        listed), which uncovers what fired since: after a restart that fires again rather
+        than the owed entries being lost (harmless with ``commit``; see docs/delayer.md)."""
+        p = self._progress_now
+        if len(p.owed) <= LIST_CAP:
+            return p
+        times = [to_seconds(self._pending[o].execute_at) for o in p.owed if o in self._pending]
+        since = min(times) - 1 if len(times) == len(p.owed) else 0
+        return Progress(max(min(since, p.since), 0), p.offset, dict(p.fired), set())
 
     def _progress(self) -> dict[str, str]:
-        annotations = self._progress_now.annotations()
+        annotations = self._stored().annotations()
         # Role.write merges into the meta state's annotations: an emptied list of ours must
         # disappear from them, not linger with its last value
         stored = self.role.meta.current.annotations
