@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowstate import perform
 from flowstate.clock import Clock
@@ -27,6 +28,7 @@ from flowstate.commands import (
     TransitCmd,
     UnstackCmd,
 )
+from flowstate.data import ref_annotation
 from flowstate.delayer import Delayer
 from flowstate.drivers.base import Driver, load_into
 from flowstate.errors import EngineStoppedError, FlowstateError, RevMismatchError, ValidationError
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 log = logging.getLogger("flowstate")
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -54,8 +58,8 @@ class Engine:
         driver: Driver,
         registry: FlowRegistry | None = None,
         *,
-        recovery: bool = True,
-        delayer: bool = True,
+        recovery: bool | None = None,
+        delayer: bool | None = None,
         clock: Clock | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -76,8 +80,10 @@ class Engine:
         self._start_lock = asyncio.Lock()
         #: The recoverer and the delayer (None when turned off); tune their attributes
         #: (``interval``, ``role.takeover_after``…) before the engine starts.
-        self.recoverer: Recoverer | None = Recoverer(self) if recovery else None
-        self.delayer: Delayer | None = Delayer(self) if delayer else None
+        self.recoverer: Recoverer | None = Recoverer(self) if recovery is not False else None
+        self.delayer: Delayer | None = Delayer(self) if delayer is not False else None
+        self._want = {"recoverer": recovery, "delayer": delayer}
+        self._workers: list[Recoverer | Delayer] = []
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             TransitCmd: self._sync(perform.transit),
             ParkCmd: self._sync(perform.park),
@@ -99,7 +105,14 @@ class Engine:
 
     async def start(self) -> Engine:
         """Open the driver, start the recoverer and the delayer. Called by ``async with`` and,
-        lazily, by the first command."""
+        lazily, by the first command.
+
+        The recoverer and the delayer start when asked (``recovery=True``, ``delayer=True``)
+        or, by default, when the registry hosts flows: a process that runs no flows (a query
+        script, the CLI) takes no role. Start is all or nothing: if a step fails, what already
+        started is shut down (its role released) and the driver closed before the error is
+        raised, so a failed start leaves nothing running.
+        """
         async with self._start_lock:
             if self._stopped:
                 raise EngineStoppedError()
@@ -107,10 +120,30 @@ class Engine:
                 await self.driver.open()
                 self._loop = asyncio.get_running_loop()
                 self._started = True  # before the workers start: they issue commands
-                for worker in (self.recoverer, self.delayer):
-                    if worker is not None:
-                        await worker.start()
+                try:
+                    for worker in (self.recoverer, self.delayer):
+                        if worker is not None and self._takes_role(worker.name):
+                            self._workers.append(worker)
+                            await worker.start()
+                except BaseException:
+                    await self._stop_workers()
+                    self._started = False
+                    await self.driver.close()
+                    raise
         return self
+
+    def _takes_role(self, name: str) -> bool:
+        want = self._want[name]
+        return want if want is not None else self.registry.has_flows()
+
+    async def _stop_workers(self) -> None:
+        """Shut the started workers down (releasing their roles), last started first."""
+        workers, self._workers = self._workers, []
+        for worker in reversed(workers):
+            try:
+                await worker.shutdown()
+            except Exception:
+                self.log.exception("shutdown of %s failed", type(worker).__name__)
 
     async def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop new executions, signal running ones (``ctx.done``), wait for them, close.
@@ -120,12 +153,7 @@ class Engine:
         if self._stopped:
             return
         if self._started:
-            for worker in (self.recoverer, self.delayer):
-                if worker is not None:
-                    try:
-                        await worker.shutdown()
-                    except Exception:
-                        self.log.exception("shutdown of %s failed", type(worker).__name__)
+            await self._stop_workers()
         self._stopped = True
         self._done.set()
         self.driver.notifier.wake()
@@ -160,6 +188,14 @@ class Engine:
         """Run ``cmds`` one after another; stop at (and raise) the first error.
 
         Earlier commands are not undone: use :func:`flowstate.commit` for atomicity.
+
+        Cancellation (``task.cancel()``, ``asyncio.wait_for``, ``asyncio.timeout``,
+        ``do_sync(timeout=...)``) never leaves the caller guessing: a write (commit, delay,
+        store_data) that already went to the store is waited for, and its outcome applied to
+        the ctxs, the Data objects and the local watchers, before ``CancelledError`` (or
+        ``TimeoutError``) is raised. So after a cancellation ``ctx.committed.rev`` tells
+        whether the commit landed. A write cancelled before it reached the store does not
+        land. The wait is bounded by the driver's own timeouts.
         """
         if not cmds:
             raise ValidationError("cmds", "no commands to do")
@@ -175,7 +211,10 @@ class Engine:
             raise FlowstateError("engine not started")
         if threading.get_ident() == getattr(loop, "_thread_id", None):
             raise FlowstateError("do_sync called on the engine's event loop; await do()")
-        asyncio.run_coroutine_threadsafe(self.do(*cmds), loop).result(timeout)
+        # The timeout runs on the loop, so that a commit it interrupts settles (and updates its
+        # ctxs) before TimeoutError reaches this thread: see the cancellation contract of do().
+        work = self.do(*cmds) if timeout is None else asyncio.wait_for(self.do(*cmds), timeout)
+        asyncio.run_coroutine_threadsafe(work, loop).result()
 
     async def _do_one(self, cmd: Command) -> None:
         handler = self._handlers.get(type(cmd))
@@ -193,9 +232,32 @@ class Engine:
     async def _noop(self, cmd: NoopCmd) -> None:
         return None
 
+    async def _settle(self, write: Coroutine[Any, Any, T]) -> T:
+        """Await a store write so that cancelling the caller cannot interrupt it half way.
+
+        Invariant: when this raises CancelledError, the write has finished (landed or failed)
+        and applied its outcome, or never started. The write runs as a task of its own; a
+        cancellation of the caller is held back until that task is done, then re-raised.
+        """
+        if self.driver.settles_writes:
+            return await write
+        task = asyncio.ensure_future(write)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            self.log.debug("a write was cancelled; waiting for the store's answer")
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: the cancellation is what the caller sees
+            raise
+
     async def _commit(self, cmd: CommitCmd) -> None:
         perform.check_commit(cmd)
-        await self.driver.commit(cmd)
+        await self._settle(self.driver.commit(cmd))
         if self.delayer is not None and any(isinstance(c, DelayCmd) for c in cmd.commands):
             self.delayer.poke()
 
@@ -247,16 +309,32 @@ class Engine:
 
     async def _delay(self, cmd: DelayCmd) -> None:
         delayed = perform.prepare_delay(cmd, self.clock.now())
-        delayed.offset = await self.driver.delay(delayed)
+        delayed.offset = await self._settle(self.driver.delay(delayed))
         cmd.result = delayed
         if self.delayer is not None:
             self.delayer.poke()
 
     async def _store_data(self, cmd: StoreDataCmd) -> None:
-        data = perform.prepare_store_data(cmd)
+        # Prepared and stored on a copy: the caller's Data (rev, checksum) and ctx change only
+        # once the store succeeded, so a failed store leaves nothing that looks stored.
+        work = StateCtx(cmd.ctx.current.copy(), cmd.ctx.committed, datas=dict(cmd.ctx.datas))
+        original = work.datas.get(cmd.alias)
+        if original is not None:
+            work.datas[cmd.alias] = original.copy()
+        sub = StoreDataCmd(work, cmd.alias)
+        data = perform.prepare_store_data(sub)
         if data is not None:
-            await self.driver.store_data(data)
-            perform.link_data(cmd, data)
+            await self._settle(self.driver.store_data(data))
+            perform.link_data(sub, data)
+        if original is not None:
+            stored = work.datas[cmd.alias]
+            original.blob, original.annotations, original.rev = (
+                stored.blob,
+                stored.annotations,
+                stored.rev,
+            )
+        ref = ref_annotation(cmd.alias)
+        cmd.ctx.current.annotations[ref] = work.current.annotations[ref]
 
     async def _get_data(self, cmd: GetDataCmd) -> None:
         data = perform.prepare_get_data(cmd)

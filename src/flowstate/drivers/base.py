@@ -12,10 +12,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from flowstate import perform
 from flowstate.clock import Clock, SystemClock, from_millis, to_millis
@@ -40,6 +40,8 @@ from flowstate.commands import (
 from flowstate.data import Data
 from flowstate.errors import RevMismatchError, ValidationError
 from flowstate.state import State, StateCtx
+
+T = TypeVar("T")
 
 
 class CommitTx(Protocol):
@@ -297,6 +299,26 @@ class Notifier:
             await asyncio.wait_for(event.wait(), timeout)
 
 
+async def settled(fut: asyncio.Future[T], on_success: Callable[[T], object] | None = None) -> T:
+    """Await ``fut`` without letting a cancellation of the caller abandon it.
+
+    If the caller is cancelled while ``fut`` is pending, wait for ``fut`` anyway, hand its
+    result to ``on_success`` (e.g. apply a commit's outcome to the ctxs), then re-raise the
+    cancellation. ``fut`` itself is never cancelled by this. Cheap: no task is created.
+    """
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if fut.cancelled():
+            raise
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fut)
+        if fut.exception() is None and on_success is not None:
+            on_success(fut.result())
+        raise
+
+
 class HeadPoller:
     """While watchers wait, asks the store for its head rev every ``driver.poll_interval``
     seconds and announces each change: how watchers see commits made elsewhere (another
@@ -349,6 +371,12 @@ class Driver(abc.ABC):
     #: How often a waiting watcher re-checks the store for commits made by other processes
     #: (None: only this process commits, notifications are enough).
     poll_interval: float | None = None
+
+    #: True if the driver itself keeps the cancellation contract of ``Engine.do``: a write
+    #: (commit, delay, store_data) cancelled after it reached the store completes and applies
+    #: its outcome before CancelledError propagates. Otherwise the engine runs each write as a
+    #: task of its own and holds the caller's cancellation back (one loop iteration more).
+    settles_writes: bool = False
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or SystemClock()

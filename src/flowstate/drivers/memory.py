@@ -25,6 +25,8 @@ class MemoryDriver(Driver):
     Nothing survives the process; use :class:`~flowstate.SqliteDriver` for durability.
     """
 
+    settles_writes = True  # writes never suspend: a cancellation cannot split one
+
     def __init__(self, clock: Clock | None = None) -> None:
         super().__init__(clock)
         self._log: list[State] = []  # _log[i].rev == i + 1
