@@ -217,18 +217,43 @@ def serve(
         16 * 2**20
     ),
     demo: Annotated[bool, typer.Option("--demo", help="Run a demo workflow.")] = False,
+    recoverer: Annotated[
+        bool | None,
+        typer.Option(
+            "--recoverer/--no-recoverer",
+            help="Run a recoverer (default: yes, unless FLOWSTATE_NO_RECOVERER=1).",
+            show_default=False,
+        ),
+    ] = None,
+    delayer: Annotated[
+        bool | None,
+        typer.Option(
+            "--delayer/--no-delayer",
+            help="Run a delayer (default: yes, unless FLOWSTATE_NO_DELAYER=1).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the flowstate server (Driver and Flow services, wire-compatible with flowstate.v1).
 
     Options left at their defaults give way to FLOWSTATE_STORE (or the Go app's FLOWSTATE_DRIVER
-    settings), FLOWSTATE_ADDR, FLOWSTATE_TOKEN, FLOWSTATE_CORS_ORIGINS and FLOWSTATE_MAX_BODY;
-    FLOWSTATE_HTTP_HOST is the address advertised for remote flows.
+    settings), FLOWSTATE_ADDR, FLOWSTATE_TOKEN, FLOWSTATE_CORS_ORIGINS, FLOWSTATE_MAX_BODY,
+    FLOWSTATE_NO_RECOVERER and FLOWSTATE_NO_DELAYER; FLOWSTATE_HTTP_HOST is the address
+    advertised for remote flows. With --no-recoverer --no-delayer the server is a pure store,
+    for clients that run their own recoverer and delayer (docs/serving.md).
     """
     from flowstate.server import serve as serve_forever
 
     try:
         serve_forever(
-            store, addr, token=token, cors_origins=cors_origin or (), max_body=max_body, demo=demo
+            store,
+            addr,
+            token=token,
+            cors_origins=cors_origin or (),
+            max_body=max_body,
+            demo=demo,
+            recoverer=recoverer,
+            delayer=delayer,
         )
     except ValidationError as exc:
         fail(str(exc), 2)

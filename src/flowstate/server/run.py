@@ -47,6 +47,10 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     http_host: str = ""
     demo: bool = False
+    #: Whether this server's engine runs a recoverer and a delayer (off: a pure store, for
+    #: clients that run their own; docs/serving.md).
+    recoverer: bool = True
+    delayer: bool = True
 
 
 def settings(
@@ -57,6 +61,8 @@ def settings(
     cors_origins: Sequence[str] = (),
     max_body: int = DEFAULT_MAX_BODY,
     demo: bool = False,
+    recoverer: bool | None = None,
+    delayer: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Arguments completed by the environment (wire.md §10, plus ours).
@@ -65,8 +71,9 @@ def settings(
     ``FLOWSTATE_PGDRIVER_CONN_STRING``, ``FLOWSTATE_BADGERDRIVER_PATH`` and
     ``FLOWSTATE_BADGERDRIVER_IN_MEMORY``) for the store, ``FLOWSTATE_ADDR``, and ours:
     ``FLOWSTATE_STORE``, ``FLOWSTATE_TOKEN``, ``FLOWSTATE_CORS_ORIGINS`` (comma-separated),
-    ``FLOWSTATE_MAX_BODY``. ``FLOWSTATE_HTTP_HOST`` is the address advertised for remote flows
-    (default: derived from the listen address).
+    ``FLOWSTATE_MAX_BODY``, ``FLOWSTATE_NO_RECOVERER`` and ``FLOWSTATE_NO_DELAYER`` (``1`` or
+    ``true`` turns the role off when ``recoverer``/``delayer`` is None). ``FLOWSTATE_HTTP_HOST``
+    is the address advertised for remote flows (default: derived from the listen address).
     """
     env = os.environ if env is None else env
     if store == DEFAULT_STORE:
@@ -82,9 +89,30 @@ def settings(
         if not raw.isdigit() or int(raw) <= 0:
             raise ValidationError("FLOWSTATE_MAX_BODY", f"{raw!r} is not a positive integer")
         max_body = int(raw)
+    if recoverer is None:
+        recoverer = not _switch(env, "FLOWSTATE_NO_RECOVERER")
+    if delayer is None:
+        delayer = not _switch(env, "FLOWSTATE_NO_DELAYER")
     host, port = parse_addr(addr)
     http_host = env.get("FLOWSTATE_HTTP_HOST") or _advertised(host, port)
-    return Settings(store, addr, token, tuple(cors_origins), max_body, http_host, demo)
+    return Settings(
+        store, addr, token, tuple(cors_origins), max_body, http_host, demo, recoverer, delayer
+    )
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    """An on/off variable: unset, empty, 0, false, no, off mean off; 1, true, yes, on mean on.
+    Anything else is refused rather than guessed (a typo must not start a role)."""
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValidationError(name, f"{env[name]!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
 def _store_from_go_env(env: Mapping[str, str]) -> str | None:
@@ -185,13 +213,26 @@ def serve(
     cors_origins: Sequence[str] = (),
     max_body: int = DEFAULT_MAX_BODY,
     demo: bool = False,
+    recoverer: bool | None = None,
+    delayer: bool | None = None,
 ) -> None:
     """Run the flowstate server until SIGINT or SIGTERM (a second signal exits at once).
 
-    Serves the Driver service on ``store``, the Flow service with an engine (recoverer and
-    delayer included) whose flows are advertised through the store, HTTP/1.1 and h2c.
+    Serves the Driver service on ``store``, the Flow service with an engine whose flows are
+    advertised through the store, HTTP/1.1 and h2c. The engine runs a recoverer and a delayer
+    unless ``recoverer``/``delayer`` is False (None: as ``FLOWSTATE_NO_RECOVERER`` and
+    ``FLOWSTATE_NO_DELAYER`` say; both off make the server a pure store).
     """
-    s = settings(store, addr, token=token, cors_origins=cors_origins, max_body=max_body, demo=demo)
+    s = settings(
+        store,
+        addr,
+        token=token,
+        cors_origins=cors_origins,
+        max_body=max_body,
+        demo=demo,
+        recoverer=recoverer,
+        delayer=delayer,
+    )
     _json_logging()
     asyncio.run(_serve(s))
 
@@ -209,6 +250,8 @@ async def _serve(s: Settings) -> None:
             cors_origins=s.cors_origins,
             max_body=s.max_body,
             demo=s.demo,
+            recoverer=s.recoverer,
+            delayer=s.delayer,
             stop=stop,
             store_name=_redact(s.store),
         )
@@ -226,13 +269,15 @@ async def run_server(
     cors_origins: Sequence[str] = (),
     max_body: int = DEFAULT_MAX_BODY,
     demo: bool = False,
+    recoverer: bool = True,
+    delayer: bool = True,
     stop: asyncio.Event | None = None,
     store_name: str = "",
 ) -> None:
     """Serve ``driver`` on the listening ``sock`` until ``stop`` is set, as the Go app does:
     store, then a flow registry shared through the store (``http_host`` is this server's
     advertised address; ``flows`` registers the flows hosted here), then an engine with its
-    recoverer and delayer, then HTTP."""
+    recoverer and delayer (each unless turned off), then HTTP."""
     from flowstate.netflow import NetFlowRegistry
     from flowstate.server import demo as demo_flows
 
@@ -242,7 +287,9 @@ async def run_server(
         flows(registry)
     if demo:
         demo_flows.register(registry)
-    engine = Engine(driver, registry)
+    # Explicit: a server takes the roles it is asked to whether or not it hosts flows itself
+    # (the engine's default leaves them to processes that host flows).
+    engine = Engine(driver, registry, recovery=recoverer, delayer=delayer)
     await engine.start()
     try:
         await registry.start()
@@ -250,13 +297,15 @@ async def run_server(
             driver, token=token, cors_origins=cors_origins, max_body=max_body, engine=engine
         )
         bound = sock.getsockname()
+        off = [name for name, on in (("recoverer", recoverer), ("delayer", delayer)) if not on]
         log.info(
-            "serving %s on %s:%d (advertised as %s)%s",
+            "serving %s on %s:%d (advertised as %s)%s%s",
             store_name or type(driver).__name__,
             bound[0],
             bound[1],
             http_host,
             ", token required" if token else "",
+            f", no {' and no '.join(off)}" if off else "",
         )
         async with contextlib.AsyncExitStack() as stack:
             if demo:
