@@ -27,6 +27,7 @@ from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
 from flowstate.server.ui import UI, is_public
+from flowstate.server.ui.routes import unhosted_flows
 from flowstate.wire import codec
 
 log = logging.getLogger("flowstate.server")
@@ -239,7 +240,13 @@ def create_app(
             head = await asyncio.wait_for(store.head_rev(), 5.0)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
-        return JSONResponse({"status": "ok", "head_rev": head})
+        body: dict[str, object] = {"status": "ok", "head_rev": head}
+        # States waiting for a flow no process hosts are not a fault of this server (status
+        # stays ok), but an operator should learn of them: they wait until a host appears.
+        unhosted = unhosted_flows(runtime._engine)  # never start an engine just for this
+        if unhosted:
+            body["unhosted_flows"] = unhosted
+        return JSONResponse(body)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return PlainTextResponse("404 page not found", 404)

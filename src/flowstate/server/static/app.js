@@ -11,6 +11,8 @@ class App {
     this.headEl = document.getElementById("head-rev");
     this.liveEl = document.getElementById("live");
     this.storeEl = document.getElementById("store");
+    this.unhostedEl = document.getElementById("unhosted");
+    this.infoTimer = null;
     this.dialog = document.getElementById("token-dialog");
     this.statesRoute = "#/states";
     this.views = { states: new StatesView(this.main, this), state: new DetailView(this.main, this) };
@@ -35,12 +37,32 @@ class App {
       const info = await get("info");
       fill(this.storeEl, `${info.store}`, info.recoverer ? " · recoverer" : "", info.delayer ? " · delayer" : "");
       this.setHead(info.head_rev);
+      this.showUnhosted(info.unhosted);
       document.getElementById("forget-token").hidden = !token();
     } catch (err) {
       if (err.status !== 401) fill(this.main, h("p", { class: "error" }, `Cannot reach the server: ${err.message}`));
       return;
     }
+    // The report changes as hosts come and go: look again now and then.
+    if (this.infoTimer === null) this.infoTimer = setInterval(() => this.refreshInfo(), 15000);
     this.route();
+  }
+
+  async refreshInfo() {
+    try {
+      const info = await get("info");
+      this.showUnhosted(info.unhosted);
+    } catch {
+      // a failed look leaves the last report; the views show their own errors
+    }
+  }
+
+  /** A banner per flow whose due states wait because no process hosts it ({flow: count}). */
+  showUnhosted(unhosted) {
+    const flows = Object.entries(unhosted || {});
+    this.unhostedEl.hidden = flows.length === 0;
+    fill(this.unhostedEl, flows.map(([flow, n]) =>
+      h("p", {}, "no process hosts flow ", h("code", {}, flow), ` (${n} ${n === 1 ? "state" : "states"} waiting)`)));
   }
 
   askToken() {

@@ -50,6 +50,21 @@ def is_public(path: str) -> bool:
     return path == "/" or path.startswith(STATIC_PATH + "/")
 
 
+def unhosted_flows(engine: Engine | None) -> dict[str, int]:
+    """Flow id -> due states that ``engine``'s recoverer and delayer leave alone because no
+    process hosts that flow, summed over both (only an active worker reports any)."""
+    counts: dict[str, int] = {}
+    for worker in (engine.recoverer, engine.delayer) if engine is not None else ():
+        if worker is None:
+            continue
+        # getattr: stats without the field (an older worker) report nothing
+        reported: dict[str, int] = getattr(worker.stats(), "unhosted", None) or {}
+        for flow, waiting in reported.items():
+            if waiting > 0:
+                counts[flow] = counts.get(flow, 0) + waiting
+    return dict(sorted(counts.items()))
+
+
 class Conflict(FlowstateError):
     """An action that does not apply to the state as it is (409)."""
 
@@ -96,6 +111,7 @@ class UI:
                 "delayer": engine.delayer is not None,
                 "flows": engine.registry.ids(),
                 "statuses": list(query.STATUSES),
+                "unhosted": unhosted_flows(engine),
             }
 
         return await self._answer(run)
