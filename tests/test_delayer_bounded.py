@@ -125,6 +125,35 @@ async def test_memory_holds_the_lookahead_window_only(store: Callable[[], fs.Dri
         assert d.stats().pending == 0
 
 
+async def test_a_backlog_after_an_outage_is_loaded_a_window_at_a_time(
+    store: Callable[[], fs.Driver],
+) -> None:
+    """300 delays fell due while no delayer ran (one a second for five minutes): the delayer
+    that starts holds at most about ``max_window`` of them at once, and fires each once."""
+    runs: list[str] = []
+    async with cluster(store) as c:
+        feeder = await c.engine(fs.FlowRegistry(), recovery=False, delayer=False)
+        await feeder.do(*(uncommitted(c.clock, f"b{i}", 1 + i) for i in range(300)))
+        c.clock.advance(600)
+        engine = fs.Engine(c.store(), counting_registry(runs), clock=c.clock, recovery=False)
+        c.engines.append(engine)
+        d = the_delayer(engine)
+        d.max_window = 20
+        held: list[int] = []
+        fire_due = d._fire_due
+
+        async def watched(now: datetime) -> None:
+            held.append(d.stats().pending)  # what the window and the scan loaded
+            await fire_due(now)
+
+        d._fire_due = watched  # type: ignore[method-assign]
+        await engine.start()
+        await until(lambda: len(runs) == 300, "every firing of the backlog")
+        await ticks(c.clock, d)
+        assert sorted(runs) == sorted(f"b{i}" for i in range(300))
+        assert max(held) <= 2 * d.max_window, f"held up to {max(held)} delayed states"
+
+
 async def test_restart_fires_commit_false_delays_exactly_once(
     store: Callable[[], fs.Driver],
 ) -> None:

@@ -206,6 +206,7 @@ class Delayer(RoleWorker):
         self._window_end = self._progress_now.since  # W: the window is loaded up to here
         self._owed_loaded = not self._progress_now.owed
         self._scan_more = False  # the last scan stopped at its page budget
+        self._window_behind = False  # the last window load stopped short of now + lookahead
         self._failed = False
         self._dirty = False  # progress changed in ways a restart must see
         self._hosted: dict[str, bool] = {}
@@ -252,13 +253,13 @@ class Delayer(RoleWorker):
 
     async def _sleep(self) -> None:
         """Until the next tick: ``interval``, less when a delayed state we hold falls due
-        sooner, none while a scan has more to read, cut short by :meth:`poke`.
+        sooner, none while the scan or the window has more to read, cut short by :meth:`poke`.
 
         Only the active process shortens it, and only for entries not yet due: an entry that
         is due but could not fire waits for the next interval, so nothing polls in a loop."""
         seconds = self.interval
         if self.role.active and not self._failed:
-            if self._scan_more:
+            if self._scan_more or self._window_behind:
                 seconds = 0.0
             else:
                 now = self.engine.clock.now()
@@ -325,25 +326,23 @@ class Delayer(RoleWorker):
         If that span holds more than ``max_window`` of them, the span is halved (down to one
         second) until it fits: memory holds a bounded window even after a long outage."""
         start = self._window_end
-        end = to_seconds(now + timedelta(seconds=self.lookahead))
-        while end > start:
-            loaded = await self._read_span(start, end, stop_after=self.max_window)
+        end = target = to_seconds(now + timedelta(seconds=self.lookahead))
+        self._window_behind = False
+        if end <= start:
+            return  # loaded already (the window moves by whole seconds)
+        while True:
+            # past one second, take the span whatever it holds: it can not be split further
+            cap = self.max_window if end - start > 1 else None
+            loaded = await self._read_span(start, end, stop_after=cap)
             if loaded is not None:
-                for d in loaded:
-                    if d.offset <= self._progress_now.offset and not self._progress_now.done(d):
-                        self._hold(d)
-                self._window_end = end
-                return
-            if end - start <= 1:
                 break
             end = start + (end - start) // 2
-        # one second holds more than max_window delayed states: load that second regardless
-        loaded = await self._read_span(start, end, stop_after=None)
-        assert loaded is not None
+        p = self._progress_now
         for d in loaded:
-            if d.offset <= self._progress_now.offset and not self._progress_now.done(d):
+            if d.offset <= p.offset and not p.done(d):
                 self._hold(d)
         self._window_end = end
+        self._window_behind = end < target
 
     async def _read_span(
         self, start: int, end: int, stop_after: int | None
@@ -352,17 +351,18 @@ class Delayer(RoleWorker):
         there are more than ``stop_after``."""
         out: list[DelayedState] = []
         offset = 0
+        page = _PAGE if stop_after is None else min(_PAGE, stop_after + 1)
         while True:
             query = get_delayed_states(
-                since=from_seconds(start), until=from_seconds(end), offset=offset, limit=_PAGE
+                since=from_seconds(start), until=from_seconds(end), offset=offset, limit=page
             )
             await self.engine.do(query)
             assert query.result is not None
             out.extend(query.result.delayed_states)
-            if not query.result.more:
-                return out
             if stop_after is not None and len(out) > stop_after:
                 return None
+            if not query.result.more:
+                return out
             offset = out[-1].offset
 
     async def _scan(self) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 
 from flowstate.clock import Clock, to_millis, to_seconds
@@ -33,6 +34,10 @@ class MemoryDriver(Driver):
         self._latest: dict[str, State] = {}
         self._datas: list[tuple[dict[str, str], bytes]] = []  # _datas[i] has rev i + 1
         self._delayed: list[DelayedState] = []  # by offset; _delayed[i].offset == i + 1
+        # execute_at index: hour (Unix seconds // 3600) -> offsets due in it, ascending, so a
+        # query with a lower time bound (the delayer's look-ahead window) reads only the hours
+        # it spans instead of every delayed state ever stored
+        self._delayed_by_hour: dict[int, list[int]] = {}
 
     async def commit(self, cmd: CommitCmd) -> None:
         tx = _MemoryTx(self)
@@ -101,7 +106,7 @@ class MemoryDriver(Driver):
         hi = to_seconds(until)
         out: list[DelayedState] = []
         more = False
-        for d in self._delayed[offset:]:
+        for d in self._delayed_candidates(lo, hi, offset):
             at = to_seconds(d.execute_at)
             if at > hi or (lo is not None and at <= lo):
                 continue
@@ -110,6 +115,18 @@ class MemoryDriver(Driver):
                 break
             out.append(DelayedState(d.state.copy(), d.execute_at, d.offset))
         return GetDelayedStatesResult(out, more)
+
+    def _delayed_candidates(self, lo: int | None, hi: int, offset: int) -> Iterator[DelayedState]:
+        """Delayed states with offset > ``offset`` that may lie in (lo, hi], by offset."""
+        if lo is None or hi < lo:
+            return itertools.islice(self._delayed, max(offset, 0), None)
+        first, last = lo // 3600, hi // 3600
+        if last - first + 1 <= len(self._delayed_by_hour):
+            hours = [self._delayed_by_hour.get(h, []) for h in range(first, last + 1)]
+        else:
+            hours = [v for h, v in self._delayed_by_hour.items() if first <= h <= last]
+        offsets = sorted(o for hour in hours for o in hour if o > offset)
+        return (self._delayed[o - 1] for o in offsets)
 
     async def store_data(self, data: Data) -> None:
         self._datas.append((dict(data.annotations), bytes(data.blob)))
@@ -189,6 +206,9 @@ class _MemoryTx:
             d._latest[s.id] = s
         d._datas.extend(self.datas)
         d._delayed.extend(self.delayed)
+        for delayed in self.delayed:
+            hour = to_seconds(delayed.execute_at) // 3600
+            d._delayed_by_hour.setdefault(hour, []).append(delayed.offset)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
