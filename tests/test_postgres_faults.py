@@ -155,9 +155,10 @@ async def cancel(task: asyncio.Task[Any]) -> BaseException | None:
 
 
 async def test_writes_cancelled_at_every_point_leak_no_connection(driver: PostgresDriver) -> None:
-    """Writes of both kinds (one statement, transaction) cancelled after 0..N loop turns: every
-    await of acquire, BEGIN, the statements and COMMIT is hit by some of them, many more times
-    than the pool has connections. Afterwards every connection is idle and the store serves."""
+    """Writes of both kinds (one statement, transaction) and reads, cancelled after 0..N loop
+    turns: every await of acquire, BEGIN, the statements and COMMIT is hit by some of them, many
+    more times than the pool has connections. Afterwards every connection is idle and the store
+    serves; each cancelled commit either did not land or is seen by its ctx and announced."""
     landed = 0
     for turns in range(40):
         ctx, cmd = park(f"one-{turns}")
@@ -165,13 +166,17 @@ async def test_writes_cancelled_at_every_point_leak_no_connection(driver: Postgr
             driver.commit(cmd),
             driver.delay(DelayedState(fs.State(id=f"d-{turns}"), datetime.now(UTC))),
             driver.store_data(Data(blob=b"x" * 10)),
+            driver.get_states(fs.get_states({"t": "faults"})),
+            driver.get_state(f"one-{turns}", 0),
         ]
         for write in writes:
             task = asyncio.ensure_future(write)
             for _ in range(turns):
                 await asyncio.sleep(0)
             outcome = await cancel(task)
-            assert outcome is None or isinstance(outcome, asyncio.CancelledError), outcome
+            assert outcome is None or isinstance(
+                outcome, asyncio.CancelledError | fs.NotFoundError
+            ), outcome
         # the commit either did not land, or it landed, updated the ctx and was announced
         try:
             stored = await asyncio.wait_for(driver.get_state(f"one-{turns}", 0), TIMEOUT)
@@ -267,11 +272,12 @@ async def test_commit_cancelled_waiting_for_the_rev_lock_is_discarded(
 async def test_latest_only_shows_the_latest_visible_version(
     driver: PostgresDriver, schema: str
 ) -> None:
-    """State ``a`` is stored at r1; a transaction that took a lower rev than r2 stays open while
-    ``a`` is committed again at r2. r2 is beyond the read horizon, so ``latest_only`` must
-    return ``a`` at r1 (its latest visible version), not hide it."""
+    """State ``a`` is stored at r0 and r1; a transaction that took a lower rev than r2 stays
+    open while ``a`` is committed again at r2. r2 is beyond the read horizon, so ``latest_only``
+    must return ``a`` at r1 (its latest visible version): neither hide it nor show r0."""
     ctx, cmd = park("a")
     await driver.commit(cmd)
+    await driver.commit(fs.commit(fs.park(ctx, {"v": "1"})))
     r1 = ctx.committed.rev
     holder = await raw(schema)
     reader = PostgresDriver(pgutil.dsn_for(schema), max_size=2)  # another process: no catch-up

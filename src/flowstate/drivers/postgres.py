@@ -661,7 +661,10 @@ class PostgresDriver(Driver):
             await _insert_delayed(conn, delayed, offset)
             return offset
 
-        return await self._write(run)
+        try:
+            return await self._write(run)
+        except _Landed:
+            raise asyncio.CancelledError from None  # stored: the delayer finds it by offset
 
     async def get_delayed_states(
         self, since: datetime | None, until: datetime, offset: int, limit: int
@@ -819,6 +822,22 @@ def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
     return " AND ".join(where)
 
 
+#: Whether row ``s`` is the latest *visible* version of its state. flowstate_latest may name a
+#: rev committed beyond the read horizon: comparing with it alone would hide the state while a
+#: lower rev of it is visible. Revs are allocated in xid order, so the visible rows are exactly
+#: those up to the highest visible rev V: when the latest rev is at most V, ``s`` is the latest
+#: visible version iff it is the latest; only beyond V (rare: a state committed again while an
+#: older transaction runs) is a newer visible row looked for. The cost stays one probe of
+#: flowstate_latest_pkey per row, as before; V is computed once, and only if needed.
+_LATEST_VISIBLE = (
+    "(SELECT CASE WHEN l.rev = s.rev THEN true "
+    f"WHEN l.rev > (SELECT max(v.rev) FROM flowstate_states v WHERE v.xid < {_HORIZON}) "
+    "THEN NOT EXISTS (SELECT 1 FROM flowstate_states n "
+    f"WHERE n.id = s.id AND n.rev > s.rev AND n.xid < {_HORIZON}) "
+    "ELSE false END FROM flowstate_latest l WHERE l.id = s.id)"
+)
+
+
 def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
     """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``)."""
     args: list[Any] = []
@@ -830,13 +849,7 @@ def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
         since = f"s.rev > ${len(args)}"
     latest = ""
     if cmd.latest_only:
-        # the latest *visible* version: flowstate_latest may name a rev beyond the horizon,
-        # which would hide the state while a lower rev of it is visible (one probe of
-        # flowstate_states_by_id per row; a heap visit only for a row that is not the latest)
-        latest = (
-            " AND NOT EXISTS (SELECT 1 FROM flowstate_states n "
-            f"WHERE n.id = s.id AND n.rev > s.rev AND n.xid < {_HORIZON})"
-        )
+        latest = f" AND {_LATEST_VISIBLE}"
     sql = (
         f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {since} AND {where}{latest} "
         f"ORDER BY s.rev LIMIT {int(cmd.limit) + 1}"
