@@ -23,6 +23,7 @@ import flowstate as fs
 from flowstate import perform
 from flowstate.commands import DelayedState
 from flowstate.data import Data
+from flowstate.drivers import postgres
 from flowstate.drivers.postgres import PostgresDriver
 from flowstate.errors import ValidationError
 from tests import pgutil
@@ -232,6 +233,39 @@ async def test_commit_cancelled_on_a_row_lock_rolls_back(
     await assert_pool_idle(driver)
     await driver.commit(fs.commit(fs.park(ctx)))  # the ctx still expects the stored rev
     assert ctx.committed.rev > stored
+
+
+async def test_a_cancelled_commit_the_server_does_not_settle_is_unknown(
+    driver: PostgresDriver, schema: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the server does not answer the cancellation of a committing statement in time
+    (here: the cancel request is never sent), the outcome is unknown: CommitUnknownError, not a
+    bare CancelledError that would pass for "not stored"; the connection is not reused."""
+
+    async def never_cancel(self: PostgresDriver, pid: int, task: Any, deadline: float) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(PostgresDriver, "_cancel_backend", never_cancel)
+    monkeypatch.setattr(postgres, "CANCEL_SETTLE_LIMIT", 0.2)
+    ctx, cmd = park("unsettled")
+    await driver.commit(cmd)
+    holder = await raw(schema)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT * FROM flowstate_latest WHERE id = 'unsettled' FOR UPDATE")
+        task = asyncio.ensure_future(driver.commit(fs.commit(fs.park(ctx))))
+
+        async def blocked() -> bool:
+            return len(await lock_waiters(admin, schema)) == 1
+
+        await wait_until(blocked, "the commit waits on the row lock")
+        outcome = await cancel(task)
+        assert isinstance(outcome, fs.CommitUnknownError), outcome
+        await tx.rollback()
+    finally:
+        await holder.close()
+    await assert_pool_idle(driver)
 
 
 async def _not(value: Awaitable[bool]) -> bool:

@@ -509,7 +509,7 @@ class PostgresDriver(Driver):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CANCEL_SETTLE_LIMIT
         canceller = None
-        if not task.done() and phase.interruptible:
+        if not task.done() and phase.interruptible and not conn.is_closed():
             pid = conn.get_server_pid()
             canceller = asyncio.ensure_future(self._cancel_backend(pid, task, deadline))
             canceller.add_done_callback(_retrieve)
