@@ -235,6 +235,54 @@ async def test_commit_cancelled_on_a_row_lock_rolls_back(
     assert ctx.committed.rev > stored
 
 
+async def test_a_cancelled_commit_that_lands_regardless_is_announced(
+    driver: PostgresDriver, schema: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel request that comes too late (here: never) lets the blocked statement finish:
+    a one-statement commit then lands, and before CancelledError its ctx shows the new rev and
+    local watchers are told; a commit in a transaction sends no COMMIT and stores nothing."""
+
+    async def never_cancel(self: PostgresDriver, pid: int, task: Any, deadline: float) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(PostgresDriver, "_cancel_backend", never_cancel)
+    ctx, cmd = park("late")
+    await driver.commit(cmd)
+    stored = ctx.committed.rev
+    holder = await raw(schema)
+    try:
+        for in_transaction in (True, False):
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT * FROM flowstate_latest WHERE id = 'late' FOR UPDATE")
+            subs: list[fs.Command] = [fs.park(ctx)]
+            if in_transaction:
+                subs.append(fs.delay(ctx, "later", timedelta(hours=1)))
+            task = asyncio.ensure_future(driver.commit(fs.commit(*subs)))
+
+            async def blocked() -> bool:
+                return len(await lock_waiters(admin, schema)) == 1
+
+            await wait_until(blocked, "the commit waits on the row lock")
+            task.cancel()
+            await asyncio.sleep(0)  # the cancellation reaches the driver, which waits
+            assert not task.done()
+            await tx.rollback()  # the statement goes on
+            outcome = await cancel(task)
+            assert isinstance(outcome, asyncio.CancelledError), outcome
+            latest = await driver.get_state("late", 0)
+            if in_transaction:
+                assert latest.rev == stored, "a transaction committed after its cancellation"
+                assert ctx.committed.rev == stored
+            else:
+                assert latest.rev > stored, "the statement was not left to finish"
+                assert ctx.committed.rev == latest.rev, "landed, but the ctx does not show it"
+                assert driver.notifier.head >= latest.rev, "landed, but watchers were not told"
+    finally:
+        await holder.close()
+    await assert_pool_idle(driver)
+
+
 async def test_a_cancelled_commit_the_server_does_not_settle_is_unknown(
     driver: PostgresDriver, schema: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,10 @@ Watchers are woken by LISTEN/NOTIFY. Commits do not notify inside their transact
 notifying transaction holds a cluster-wide lock through its WAL flush); after they return, one
 task per driver sends the highest new rev. While someone waits, the head is also polled every
 ``poll_interval`` seconds, so a lost notification delays a delivery but never loses it.
+
+A cancelled write is settled with the server before the cancellation goes on: the running
+statement is cancelled there, and its answer tells whether the write landed (a landed commit is
+announced like any other) or not; see ``PostgresDriver._guarded``.
 """
 
 from __future__ import annotations
