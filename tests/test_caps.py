@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import flowstate as fs
 from flowstate import perform
+from flowstate.data import ref_annotation
 from flowstate.wire import codec
 from tests import netserver
 from tests.conftest import DriverFactory
@@ -151,6 +152,7 @@ async def test_texts_at_their_caps_are_stored_and_found(engine: fs.Engine) -> No
     data = ctx_of("data")
     data.datas["blob"] = fs.Data(blob=b"123", annotations={text_of(ANNOTATION_KEY, 9): big})
     await engine.do(fs.commit(fs.store_data(data, "blob"), fs.park(data)))
+    await engine.do(_standalone_data(text_of(ALIAS, 10)))
 
 
 def test_flow_ids_of_the_registry_are_capped() -> None:
@@ -175,6 +177,15 @@ def _with_data(annotations: dict[str, str]) -> fs.Command:
     ctx.datas["blob"] = fs.Data(blob=b"123", annotations=annotations)
     return fs.commit(fs.store_data(ctx, "blob"), fs.park(ctx))
 
+
+def _standalone_data(alias: str) -> fs.Command:
+    ctx = ctx_of("data")
+    ctx.datas[alias] = fs.Data(blob=b"123")
+    return fs.store_data(ctx, alias)
+
+
+#: The longest alias: its reference annotation key ``flowstate.data.<alias>`` at the key cap.
+ALIAS = ANNOTATION_KEY - len(ref_annotation(""))
 
 OVER: list[tuple[str, Callable[[], fs.Command], str]] = [
     ("id", lambda: fs.commit(fs.park(ctx_of(over(ID)))), "current.id"),
@@ -207,6 +218,7 @@ OVER: list[tuple[str, Callable[[], fs.Command], str]] = [
     ("flow id", lambda: fs.commit(fs.transit(ctx_of(), over(FLOW_ID))), "current.transition.to"),
     ("delay flow id", lambda: fs.delay(ctx_of(), over(FLOW_ID), 60), "current.transition.to"),
     ("data annotation key", lambda: _with_data({over(ANNOTATION_KEY): "v"}), "data.annotations"),
+    ("data alias", lambda: _standalone_data(over(ALIAS)), "alias"),
     ("get by id", lambda: fs.get_state_by_id(fs.StateCtx(), over(ID)), "id"),
     (
         "get by labels: key",
@@ -333,6 +345,8 @@ def _with_text(place: str, bad: str) -> tuple[fs.Command, str]:
         return fs.delay(ctx_of(), bad, 60), "current.transition.to"
     if place == "data annotation":
         return _with_data({"k": bad}), "data.annotations['k']"
+    if place == "data alias":
+        return _standalone_data(bad), "alias"
     if place == "query label":
         return fs.get_states({"k": bad}), "labels[0]['k']"
     if place == "get by labels":
@@ -351,6 +365,7 @@ PLACES = [
     "flow id",
     "delay flow id",
     "data annotation",
+    "data alias",
     "query label",
     "get by labels",
     "get by id",

@@ -284,6 +284,11 @@ def prepare_store_data(cmd: StoreDataCmd) -> Data | None:
     alias = cmd.alias
     if not alias:
         raise ValidationError("alias", "name is empty")
+    # The alias becomes the state annotation key flowstate.data.<alias>: refuse it here,
+    # before the data is stored, rather than at the commit of the state.
+    problem = _text_problem(ref_annotation(alias), MAX_ANNOTATION_KEY_BYTES)
+    if problem:
+        raise ValidationError("alias", f"annotation key {_short(ref_annotation(alias))} {problem}")
     data = cmd.ctx.datas.get(alias)
     if data is None:
         raise ValidationError(
