@@ -206,8 +206,8 @@ async def test_one_active_recoverer_and_takeover(store: Callable[[], fs.Driver])
 
 async def test_clean_shutdown_hands_over_at_once(store: Callable[[], fs.Driver]) -> None:
     async with cluster(store) as c:
-        a = await c.engine(fs.FlowRegistry(), delayer=False)
-        b = await c.engine(fs.FlowRegistry(), delayer=False)
+        a = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
+        b = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
         assert b.recoverer is not None
         await a.shutdown()
         await ticks(c.clock, b.recoverer)
@@ -218,8 +218,8 @@ async def test_an_active_recoverer_steps_down_when_another_took_over(
     store: Callable[[], fs.Driver],
 ) -> None:
     async with cluster(store) as c:
-        a = await c.engine(fs.FlowRegistry(), delayer=False)
-        b = await c.engine(fs.FlowRegistry(), delayer=False)
+        a = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
+        b = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
         assert a.recoverer is not None and b.recoverer is not None
         die(a.recoverer)
         await commit_stalled(b, "work-to-do")

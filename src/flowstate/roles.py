@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -94,16 +95,69 @@ class ExecutionGate:
         self._freed.set()
 
 
-class Role:
-    """Whether this process is the active one for the meta state ``meta_id``."""
+class RoleState(enum.Enum):
+    """Where a process stands in a role (design.md: roles are explicit state machines).
 
-    def __init__(self, engine: Engine, meta_id: str, takeover_after: float) -> None:
+    ``STANDBY`` → ``ACTIVE`` (its claim or creation of the meta state won) → ``STANDBY`` (another
+    process committed the meta state with ``state=active``, or one of our writes conflicted)
+    → … ; on shutdown ``ACTIVE`` → ``STEPPING_DOWN`` (writing ``state=inactive``) →
+    ``RELEASED``, or ``STANDBY`` → ``RELEASED`` (a standby writes nothing). ``RELEASED`` is
+    final. Every change is reported to the worker, which drops what it held in memory.
+    """
+
+    STANDBY = "standby"
+    ACTIVE = "active"
+    STEPPING_DOWN = "stepping down"
+    RELEASED = "released"
+
+
+_ALLOWED: dict[RoleState, frozenset[RoleState]] = {
+    RoleState.STANDBY: frozenset({RoleState.ACTIVE, RoleState.RELEASED}),
+    RoleState.ACTIVE: frozenset({RoleState.STANDBY, RoleState.STEPPING_DOWN}),
+    RoleState.STEPPING_DOWN: frozenset({RoleState.RELEASED}),
+    RoleState.RELEASED: frozenset(),
+}
+
+#: How long (seconds, real time) a cancelled meta write is given to settle before it is given up.
+SETTLE_TIMEOUT = 10.0
+
+
+class Role:
+    """Whether this process is the active one for the meta state ``meta_id``.
+
+    Invariants: at most one process is ``ACTIVE`` per meta state as far as the store can tell
+    (every claim is an optimistic commit); ``meta`` is the latest version of the meta state
+    this process read or wrote, and every meta write settles (a cancelled caller waits for its
+    write's outcome) so that ``meta`` never trails a version we wrote; ``_mine`` holds the
+    revs we wrote. ``on_change`` is called after every change of :attr:`state`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        meta_id: str,
+        takeover_after: float,
+        on_change: Callable[[RoleState], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.meta_id = meta_id
         self.takeover_after = takeover_after
-        self.active = False
         self.meta = StateCtx()
+        self._state = RoleState.STANDBY
+        self._on_change = on_change
         self._mine: set[int] = set()
+        # a write whose outcome we never learned (cancelled, or failed without a verdict):
+        # its state annotations, to recognise it if it did land
+        self._unsettled: dict[str, str] | None = None
+
+    @property
+    def state(self) -> RoleState:
+        return self._state
+
+    @property
+    def active(self) -> bool:
+        """Whether this process holds the role (and may do the work)."""
+        return self._state is RoleState.ACTIVE
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -117,24 +171,29 @@ class Role:
                 await self._claim()
             return
         ctx = StateCtx(current=State(self.meta_id, annotations=dict(initial)))
-        ctx.current.annotations[RECOVERY_ENABLED] = "false"
+        ctx.current.annotations[RECOVERY_ENABLED] = "false"  # as Go writes it
         try:
-            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
-        except RevMismatchError:
+            await self._commit(ctx, ACTIVE)
+        except RevMismatchError:  # another process created it first
             await self._reload()
-            self.active = False
             return
-        self._adopt(ctx)
+        self._become(RoleState.ACTIVE)
 
     async def check(self, has_work: bool) -> bool:
-        """Re-read the meta state; step down or take over as the rules say. True if the role
-        changed to active."""
+        """Re-read the meta state (one read); step down or take over as the rules say. True if
+        the role changed to active."""
+        if self._state not in (RoleState.ACTIVE, RoleState.STANDBY):
+            return False
         await self._reload()
         state = self.meta.current
-        if self.active:
-            if state.rev not in self._mine and state.transition.annotations.get(ROLE) == ACTIVE:
-                self.active = False  # another process took over
-            return False
+        if self._state is RoleState.ACTIVE:
+            if self._ours(state):
+                return False
+            # someone else wrote the meta state: a claim (step down), or a release by a
+            # process that was not active (Go's standby does that): step down, then claim
+            self._become(RoleState.STANDBY)
+            if state.transition.annotations.get(ROLE) == ACTIVE:
+                return False
         if state.transition.annotations.get(ROLE) != ACTIVE:
             return await self._claim()
         at = state.committed_at
@@ -145,43 +204,113 @@ class Role:
 
     async def write(self, annotations: Mapping[str, str]) -> bool:
         """As the active process, store progress (and prove liveness). False if we lost."""
-        if not self.active:
-            return False
-        ctx = self.meta.copy()
-        ctx.current.annotations.update(annotations)
-        try:
-            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
-        except RevMismatchError:
-            self.active = False
-            await self._reload()
-            return False
-        self._adopt(ctx)
-        return True
+        for _ in range(2):
+            if not self.active:
+                return False
+            ctx = self.meta.copy()
+            ctx.current.annotations.update(annotations)
+            try:
+                await self._commit(ctx, ACTIVE)
+                return True
+            except RevMismatchError:
+                if not await self._latest_is_ours():
+                    self._become(RoleState.STANDBY)
+                    return False
+        return False
 
     async def release(self, annotations: Mapping[str, str]) -> None:
-        """On shutdown of the active process: store progress and mark the role free."""
-        if not self.active:
+        """On shutdown: the active process stores progress and marks the role free (a standby
+        writes nothing). If a write of ours landed unseen meanwhile, the release retries on
+        top of it, so that the next process can take over at once."""
+        if self._state is RoleState.STANDBY:
+            self._become(RoleState.RELEASED)
             return
-        ctx = self.meta.copy()
-        ctx.current.annotations.update(annotations)
-        with contextlib.suppress(RevMismatchError):  # someone took over meanwhile
-            await self.engine.do(commit(park(ctx, {ROLE: INACTIVE})))
-        self.active = False
+        if self._state is not RoleState.ACTIVE:
+            return
+        self._become(RoleState.STEPPING_DOWN)
+        try:
+            for _ in range(3):
+                ctx = self.meta.copy()
+                ctx.current.annotations.update(annotations)
+                try:
+                    await self._commit(ctx, INACTIVE)
+                    return
+                except RevMismatchError:
+                    if not await self._latest_is_ours():
+                        return  # someone took over meanwhile: the role is theirs
+        finally:
+            self._become(RoleState.RELEASED)
 
     async def _claim(self) -> bool:
         ctx = self.meta.copy()
         try:
-            await self.engine.do(commit(park(ctx, {ROLE: ACTIVE})))
+            await self._commit(ctx, ACTIVE)
         except RevMismatchError:
             await self._reload()
             return False
-        self._adopt(ctx)
+        self._become(RoleState.ACTIVE)
         return True
+
+    async def _commit(self, ctx: StateCtx, role: str) -> None:
+        """Commit ``park(ctx, state=role)`` and adopt it as :attr:`meta` once stored.
+
+        The write runs in a task of its own: cancelling the caller does not abandon it half
+        way; the caller waits (up to SETTLE_TIMEOUT) for its outcome, adopts it if it landed,
+        then re-raises the cancellation. A write whose outcome stays unknown is remembered.
+        """
+        attempted = dict(ctx.current.annotations)
+        self._unsettled = attempted
+        task = asyncio.ensure_future(self.engine.do(commit(park(ctx, {ROLE: role}))))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await _settle(task)
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if task.done() and not task.cancelled() and error is None:
+                self._adopt(ctx)
+            elif isinstance(error, RevMismatchError):
+                self._unsettled = None
+            raise
+        except RevMismatchError:
+            self._unsettled = None
+            raise
+        self._adopt(ctx)
+
+    async def _latest_is_ours(self) -> bool:
+        """After a conflict: whether the latest meta version is one we wrote (a write whose
+        answer was lost); if so it is now :attr:`meta`."""
+        await self._reload()
+        return self._ours(self.meta.current)
+
+    def _ours(self, latest: State) -> bool:
+        """Whether ``latest`` (just read) was written by this process: a rev we adopted, or
+        the write whose outcome we never learned (same annotations, ``state=active``)."""
+        if latest.rev in self._mine:
+            return True
+        unsettled, self._unsettled = self._unsettled, None
+        if (
+            unsettled is not None
+            and latest.transition.annotations.get(ROLE) == ACTIVE
+            and latest.annotations == unsettled
+        ):
+            self._mine.add(latest.rev)
+            return True
+        return False
 
     def _adopt(self, ctx: StateCtx) -> None:
         self.meta = ctx
         self._mine.add(ctx.committed.rev)
-        self.active = True
+        self._unsettled = None
+
+    def _become(self, new: RoleState) -> None:
+        old = self._state
+        if new is old:
+            return
+        if new not in _ALLOWED[old]:
+            raise AssertionError(f"role {self.meta_id}: {old.value} -> {new.value} not allowed")
+        self._state = new
+        if self._on_change is not None:
+            self._on_change(new)
 
     async def _reload(self) -> bool:
         ctx = StateCtx()
@@ -191,6 +320,21 @@ class Role:
             return False
         self.meta = ctx
         return True
+
+
+async def _settle(task: asyncio.Future[None]) -> None:
+    """Wait for ``task`` despite further cancellations, at most SETTLE_TIMEOUT seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            task.cancel()
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=remaining)
+    if not task.cancelled():
+        task.exception()  # retrieved: an outcome we handle is not "never retrieved"
 
 
 class RoleWorker:
@@ -204,7 +348,7 @@ class RoleWorker:
     def __init__(self, engine: Engine, meta_id: str, interval: float, takeover_after: float):
         self.engine = engine
         self.interval = interval
-        self.role = Role(engine, meta_id, takeover_after)
+        self.role = Role(engine, meta_id, takeover_after, on_change=self._role_changed)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ticked = asyncio.Event()
@@ -243,7 +387,13 @@ class RoleWorker:
     async def tick(self) -> None:
         raise NotImplementedError
 
+    def _role_changed(self, state: RoleState) -> None:
+        """Every change of role drops what the previous one held in memory."""
+        self._reset()
+
     def _reset(self) -> None:
+        """Forget in-memory work and load progress from the meta state (``role.annotations``).
+        Called at start and on every change of role."""
         raise NotImplementedError
 
     def _progress(self) -> dict[str, str]:
