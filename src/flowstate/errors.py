@@ -71,3 +71,8 @@ class EngineStoppedError(FlowstateError):
 
     def __init__(self) -> None:
         super().__init__("engine stopped")
+
+
+class StoreWriteError(StoreUnavailableError):
+    """The store could not write (its disk is full, an I/O error, its file locked elsewhere for
+    too long): the call was rolled back and changed nothing. Retry once the cause is gone."""

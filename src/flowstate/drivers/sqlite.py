@@ -5,6 +5,9 @@ waiting when the writer becomes free joins one transaction (each in its own save
 commit's conflict does not affect the others) and the batch pays for one fsync. Reads run on a
 small pool of reader threads. No SQLite call runs on the event loop thread.
 
+A write SQLite cannot make (full disk, I/O error) fails with StoreWriteError and changes
+nothing; the writer lives on. See docs/sqlite-faults.md for every outcome off the happy path.
+
 Several processes may share one file: writes take SQLite's write lock (``BEGIN IMMEDIATE``), so
 the rev check and rev allocation are serialised across processes, and a commit becomes visible
 to readers only with all lower revs. Watchers notice other processes' commits by polling the
@@ -14,13 +17,14 @@ head rev every ``poll_interval`` seconds (one poller per driver, only while some
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -35,7 +39,14 @@ from flowstate.commands import (
 from flowstate.data import Data
 from flowstate.drivers.base import CommitOutcome, Driver, process_commit, run_commit
 from flowstate.drivers.sqljson import dumps_map, dumps_state, loads_map, loads_state
-from flowstate.errors import DataNotFoundError, FlowstateError, NotFoundError
+from flowstate.errors import (
+    CommitUnknownError,
+    DataNotFoundError,
+    FlowstateError,
+    NotFoundError,
+    StoreUnavailableError,
+    StoreWriteError,
+)
 from flowstate.state import State, Transition
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -80,15 +91,23 @@ def _row_state(row: tuple[Any, ...]) -> State:
     return State(sid, rev, loads_map(ann), loads_map(labels), from_millis(at), transition)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
-    """One write for the writer thread; ``run`` executes inside the batch transaction."""
+    """One write for the writer thread.
+
+    ``run`` executes inside a transaction and may run more than once (a batch whose transaction
+    SQLite lost is run again job by job), so it must not change anything but its return value.
+    ``abandoned`` is set on the event loop thread when the caller was cancelled; the writer
+    reads it just before it would run the job and then skips it: a job runs in full or not at
+    all, and one that ran is announced to the watchers even if nobody waits for it any more.
+    """
 
     run: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     result: Any = None
     error: BaseException | None = None
-    revs: list[int] = field(default_factory=list)
+    abandoned: bool = False
+    done: bool = False  # result or error is final (the writer's death leaves it alone)
 
 
 class SqliteDriver(Driver):
@@ -97,6 +116,12 @@ class SqliteDriver(Driver):
     ``synchronous="FULL"`` (the default) makes every returned commit survive a power loss;
     ``"NORMAL"`` survives a crash of the process but may lose the last commits on power loss,
     and is about three times faster.
+
+    A write SQLite cannot make (a full disk, an I/O error, the file locked by another process
+    for longer than ``busy_timeout``) fails with :class:`StoreWriteError` and changes nothing;
+    the writer keeps serving, so writes succeed again once the cause is gone. If the writer
+    thread dies all the same, every pending and later call fails at once with
+    :class:`StoreUnavailableError` and :meth:`unavailable` says why.
     """
 
     def __init__(
@@ -124,6 +149,11 @@ class SqliteDriver(Driver):
         self._reader_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Guards _closed and _dead together with every put on _queue: once either is set, no
+        # job enters the queue, so the writer's final drain fails every job that is left.
+        self._state_lock = threading.Lock()
+        self._closed = True
+        self._dead: str | None = None
 
     # lifecycle
 
@@ -137,22 +167,33 @@ class SqliteDriver(Driver):
 
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._queue = queue.SimpleQueue()
+        self._closed, self._dead = False, None
         ready: asyncio.Future[None] = self._loop.create_future()
         self._writer = threading.Thread(
             target=self._writer_main, args=(ready,), name="flowstate-sqlite-writer", daemon=True
         )
         self._writer.start()
-        await ready
+        try:
+            await ready
+        except BaseException:
+            self._closed = True
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+            raise
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="flowstate-sqlite-read")
         self.notifier.head = await self.head_rev()
 
     async def _close(self) -> None:
+        with self._state_lock:
+            self._closed = True  # from here on, calls fail at once instead of queueing
+            if self._writer is not None:
+                self._queue.put(None)  # after every accepted job: those are still served
         if self._pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._shutdown_readers)
             self._pool = None
         self._local = threading.local()
         if self._writer is not None:
-            self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
 
@@ -163,6 +204,17 @@ class SqliteDriver(Driver):
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+
+    def unavailable(self) -> str | None:
+        """Why this driver serves no call (its writer thread died), or None."""
+        return self._dead
+
+    def _refuse(self) -> None:
+        """Raise if no call may start now: the writer died, or the driver is not open."""
+        if self._dead is not None:
+            raise StoreUnavailableError(self._dead)
+        if self._closed or self._loop is None:
+            raise StoreUnavailableError(f"SqliteDriver is closed or not open yet: {self.path}")
 
     # the writer thread
 
@@ -177,6 +229,7 @@ class SqliteDriver(Driver):
             loop.call_soon_threadsafe(_resolve_error, ready, exc)
             return
         loop.call_soon_threadsafe(_resolve, ready, None)
+        batch: list[_Job] = []
         try:
             while True:
                 job = self._queue.get()
@@ -194,64 +247,147 @@ class SqliteDriver(Driver):
                         break
                     batch.append(more)
                 self._run_batch(conn, batch)
-                loop.call_soon_threadsafe(self._deliver, batch)
+                self._post(self._deliver, batch)
+                batch = []
                 if stop:
                     break
+        except BaseException as exc:
+            # A bug or a connection SQLite could not roll back: the transaction in hand is
+            # dropped with the connection below, so none of these jobs was stored.
+            with self._state_lock:
+                self._dead = f"the SQLite writer thread died: {exc!r}"
+            for job in batch:
+                if not job.done:
+                    job.result, job.error = None, StoreUnavailableError(self._dead)
+            self._post(self._deliver, batch)
         finally:
             conn.close()
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Fail every job still queued once the writer stops (none, unless it died)."""
+        left: list[_Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.error = StoreUnavailableError(self._dead or "SqliteDriver is closed")
+                left.append(job)
+        if left:
+            self._post(self._deliver, left)
+
+    def _post(self, fn: Callable[[list[_Job]], None], batch: list[_Job]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is left to tell
+            self._loop.call_soon_threadsafe(fn, batch)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Run ``batch`` and set the outcome of each job.
+
+        Several jobs share one transaction, each in its own savepoint, so a job's conflict or
+        error rolls back only its own writes. SQLite rolls back the whole transaction on some
+        errors (a full disk or an I/O error while it spills pages or commits); nothing of the
+        batch is stored then, and every job is run again in a transaction of its own, so only
+        the jobs that cannot be stored fail.
+        """
+        if len(batch) > 1 and self._run_together(conn, batch):
+            for job in batch:
+                job.done = True
+            return
+        for job in batch:
+            self._run_alone(conn, job)
+            job.done = True
+
+    def _run_together(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        """One transaction for the batch; False if it was lost and nothing was stored."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # locked by another process past busy_timeout, ...
+            for job in batch:
+                job.error = _store_error(exc, "write")
+            return True
+        for job in batch:
+            if job.abandoned:
+                continue
+            try:
+                conn.execute("SAVEPOINT job")
+                job.result = job.run(conn)
+                conn.execute("RELEASE job")
+            except BaseException as exc:
+                job.result, job.error = None, exc
+                if not _undo_savepoint(conn):
+                    return self._lost(conn, batch)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if _code(exc) == _SQLITE_FULL:
+                return self._lost(conn, batch)
+            _rollback(conn)
+            for job in batch:
+                job.result, job.error = None, _commit_error(exc)
+            return True
+        for job in batch:
+            if job.error is not None:
+                job.error = _store_error(job.error, "write")
+        return True
+
+    def _lost(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        _rollback(conn)
+        for job in batch:
+            job.result = job.error = None
+        return False
+
+    def _run_alone(self, conn: sqlite3.Connection, job: _Job) -> None:
+        if job.abandoned:
+            return
+        job.result = job.error = None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            for job in batch:
-                job.error = exc
+            job.error = _store_error(exc, "write")
             return
-        single = len(batch) == 1
-        for job in batch:
-            if not single:
-                conn.execute("SAVEPOINT job")
-            try:
-                job.result = job.run(conn)
-                if not single:
-                    conn.execute("RELEASE job")
-            except BaseException as exc:
-                job.error = exc
-                if not single:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
         try:
-            if single and batch[0].error is not None:
-                conn.execute("ROLLBACK")
-            else:
-                conn.execute("COMMIT")
+            result = job.run(conn)
+        except BaseException as exc:
+            _rollback(conn)
+            job.error = _store_error(exc, "write")
+            return
+        try:
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for job in batch:
-                if job.error is None:
-                    job.error = exc
+            _rollback(conn)
+            job.error = _commit_error(exc)
+            return
+        job.result = result
 
     def _deliver(self, batch: list[_Job]) -> None:
         head = 0
         for job in batch:
+            if job.error is None and isinstance(job.result, CommitOutcome):
+                # announced even if the caller was cancelled meanwhile: it is in the store
+                head = max(head, job.result.max_rev)
             if job.future.done():
                 continue
             if job.error is not None:
                 job.future.set_exception(job.error)
             else:
                 job.future.set_result(job.result)
-                if isinstance(job.result, CommitOutcome):
-                    head = max(head, job.result.max_rev)
         if head:
             self.notifier.notify(head)
 
     async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
-        if self._writer is None or self._loop is None:
-            raise FlowstateError("SqliteDriver is not open")
-        job = _Job(run, self._loop.create_future())
-        self._queue.put(job)
-        return await job.future
+        with self._state_lock:
+            self._refuse()
+            assert self._loop is not None
+            job = _Job(run, self._loop.create_future())
+            self._queue.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.abandoned = True  # not run if the writer has not started it yet
+            raise
 
     # reads
 
@@ -266,15 +402,30 @@ class SqliteDriver(Driver):
         return conn
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        if self._pool is None or self._loop is None:
-            raise FlowstateError("SqliteDriver is not open")
-        return await self._loop.run_in_executor(self._pool, lambda: fn(self._reader()))
+        self._refuse()
+        pool, loop = self._pool, self._loop
+        if pool is None or loop is None:
+            raise StoreUnavailableError(f"SqliteDriver is closed or not open yet: {self.path}")
+        try:
+            return await loop.run_in_executor(pool, lambda: fn(self._reader()))
+        except RuntimeError as exc:
+            if self._closed:  # the pool shuts down: close() began after the check above
+                raise StoreUnavailableError(f"SqliteDriver is closed: {self.path}") from exc
+            raise
+        except sqlite3.Error as exc:
+            error = _store_error(exc, "read")
+            if error is exc:
+                raise
+            raise error from exc
 
     # the driver API
 
     async def commit(self, cmd: CommitCmd) -> None:
-        gen = process_commit(cmd, self.clock.now())
-        outcome: CommitOutcome = await self._write(lambda conn: run_commit(gen, _SqliteTx(conn)))
+        now = self.clock.now()
+        # a fresh generator on every run: the writer may run a job again (see _Job)
+        outcome: CommitOutcome = await self._write(
+            lambda conn: run_commit(process_commit(cmd, now), _SqliteTx(conn))
+        )
         outcome.apply()
 
     async def get_state(self, state_id: str, rev: int) -> State:
@@ -317,7 +468,10 @@ class SqliteDriver(Driver):
         return result
 
     async def store_data(self, data: Data) -> None:
-        await self._write(lambda conn: _SqliteTx(conn).store_data(data))
+        # data changes only once it is stored; the writer thread sees a snapshot of it
+        annotations, blob = dumps_map(data.annotations), bytes(data.blob)
+        rev: int = await self._write(lambda conn: _insert_data(conn, annotations, blob))
+        data.rev = rev
 
     async def get_data(self, data: Data) -> None:
         await self._read(lambda conn: _SqliteTx(conn).get_data(data))
@@ -335,6 +489,79 @@ def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
 def _resolve_error(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+# SQLite's primary result codes that mean the file cannot be read or written now, as opposed to
+# a statement or value SQLite refused (https://sqlite.org/rescode.html).
+_SQLITE_FULL = 13
+_STORE_CODES = frozenset(
+    {
+        5,  # BUSY: locked by another connection for longer than busy_timeout
+        6,  # LOCKED
+        7,  # NOMEM
+        8,  # READONLY
+        9,  # INTERRUPT
+        10,  # IOERR
+        11,  # CORRUPT
+        _SQLITE_FULL,
+        14,  # CANTOPEN
+        15,  # PROTOCOL
+        26,  # NOTADB
+    }
+)
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
+def _store_error(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as a FlowstateError if SQLite could not read or write the file; otherwise
+    ``exc`` itself (a conflict, a refused value or a bug is not the store's condition)."""
+    if not isinstance(exc, sqlite3.Error) or _code(exc) not in _STORE_CODES:
+        return exc
+    error: FlowstateError
+    if what == "write":
+        error = StoreWriteError(f"SQLite could not write ({exc}); nothing was stored")
+    else:
+        error = StoreUnavailableError(f"SQLite could not read ({exc})")
+    error.__cause__ = exc
+    return error
+
+
+def _commit_error(exc: sqlite3.Error) -> FlowstateError:
+    """The error of a failed COMMIT. SQLITE_FULL means the WAL's commit frame, its last write,
+    was never written: nothing was stored. After other errors (a failed fsync) the frames may
+    be complete in the WAL, and a crash before the next commit overwrites them would recover
+    them: the outcome is unknown."""
+    error: FlowstateError
+    if _code(exc) == _SQLITE_FULL:
+        error = StoreWriteError(f"SQLite could not write ({exc}); nothing was stored")
+    else:
+        error = CommitUnknownError(f"SQLite COMMIT failed ({exc}); reload to see if it stored")
+    error.__cause__ = exc
+    return error
+
+
+def _undo_savepoint(conn: sqlite3.Connection) -> bool:
+    """Roll back the failed job's savepoint; False if SQLite already rolled back (or cannot
+    roll back) the whole transaction, which takes every savepoint with it."""
+    if not conn.in_transaction:
+        return False
+    try:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the open transaction, if SQLite has not ended it already. A ROLLBACK that fails
+    leaves the connection in an unknown state: the error ends the writer thread."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _max_rev(conn: sqlite3.Connection) -> int:
@@ -421,6 +648,13 @@ def _insert_delayed(conn: sqlite3.Connection, delayed: DelayedState) -> int:
     return int(cur.lastrowid or 0)
 
 
+def _insert_data(conn: sqlite3.Connection, annotations: str, blob: bytes) -> int:
+    cur = conn.execute(
+        "INSERT INTO flowstate_data (annotations, blob) VALUES (?, ?)", (annotations, blob)
+    )
+    return int(cur.lastrowid or 0)
+
+
 class _SqliteTx:
     """The CommitTx of one commit, inside the writer's open transaction."""
 
@@ -464,11 +698,7 @@ class _SqliteTx:
         return _get_state_by_labels(self.conn, labels)
 
     def store_data(self, data: Data) -> None:
-        cur = self.conn.execute(
-            "INSERT INTO flowstate_data (annotations, blob) VALUES (?, ?)",
-            (dumps_map(data.annotations), bytes(data.blob)),
-        )
-        data.rev = int(cur.lastrowid or 0)
+        data.rev = _insert_data(self.conn, dumps_map(data.annotations), bytes(data.blob))
 
     def get_data(self, data: Data) -> None:
         row = self.conn.execute(
