@@ -90,7 +90,9 @@ async def test_meta_stays_small_while_a_far_future_delay_is_pending(
         per_second, seconds = 100, 12
         for s in range(seconds):
             await engine.do(
-                *(uncommitted(c.clock, f"cron-{s}-{i}", 1 + s) for i in range(per_second))
+                fs.commit(
+                    *(uncommitted(c.clock, f"cron-{s}-{i}", 1 + s) for i in range(per_second))
+                )
             )
         biggest = 0
         for _ in range(seconds + 2):
@@ -111,7 +113,9 @@ async def test_memory_holds_the_lookahead_window_only(store: Callable[[], fs.Dri
     async with cluster(store) as c:
         engine = await c.engine(counting_registry(runs), recovery=False)
         d = the_delayer(engine)
-        await engine.do(*(uncommitted(c.clock, f"later-{i}", 86_400 + i % 3) for i in range(300)))
+        await engine.do(
+            fs.commit(*(uncommitted(c.clock, f"later-{i}", 86_400 + i % 3) for i in range(300)))
+        )
         await ticks(c.clock, d, 3)
         assert d.stats().pending == 0, "delays a day ahead were loaded into memory"
         c.clock.advance(86_400 - 30)  # inside the default 60 s look-ahead
@@ -133,7 +137,7 @@ async def test_a_backlog_after_an_outage_is_loaded_a_window_at_a_time(
     runs: list[str] = []
     async with cluster(store) as c:
         feeder = await c.engine(fs.FlowRegistry(), recovery=False, delayer=False)
-        await feeder.do(*(uncommitted(c.clock, f"b{i}", 1 + i) for i in range(300)))
+        await feeder.do(fs.commit(*(uncommitted(c.clock, f"b{i}", 1 + i) for i in range(300))))
         c.clock.advance(600)
         engine = fs.Engine(c.store(), counting_registry(runs), clock=c.clock, recovery=False)
         c.engines.append(engine)
@@ -325,15 +329,19 @@ async def test_many_due_states_of_an_unhosted_flow_keep_the_meta_small(
         d = the_delayer(first)
         at = c.clock.now()
         await first.do(
-            *(
-                fs.delay_until(new_ctx(f"gone-{i}"), "gone", at + timedelta(seconds=5))
-                for i in range(100)
+            fs.commit(
+                *(
+                    fs.delay_until(new_ctx(f"gone-{i}"), "gone", at + timedelta(seconds=5))
+                    for i in range(100)
+                )
             )
         )
         await first.do(
-            *(
-                fs.delay_until(new_ctx(f"fire-{i}"), "fire", at + timedelta(seconds=6))
-                for i in range(30)
+            fs.commit(
+                *(
+                    fs.delay_until(new_ctx(f"fire-{i}"), "fire", at + timedelta(seconds=6))
+                    for i in range(30)
+                )
             )
         )
         c.clock.advance(10)

@@ -175,7 +175,7 @@ class Delayer(RoleWorker):
         heartbeat: float = 60.0,
         lookahead: float = 60.0,
         max_window: int = 10_000,
-        scan_pages: int = 8,
+        scan_pages: int = 1,
         max_executions: int = 64,
     ) -> None:
         self._progress_now = Progress()
@@ -383,10 +383,12 @@ class Delayer(RoleWorker):
                 elif at <= p.since:
                     p.owed.add(d.offset)
                     self._hold(d)
+                    self._dirty = True
                 elif at <= self._window_end:
                     self._hold(d)
+                # O moving alone need not be stored: after a restart the scan would read the
+                # same entries again and do the same (a held one is stored when it fires)
                 p.offset = d.offset
-                self._dirty = True
             if not query.result.more:
                 self._drop_above(p.offset)
                 return
