@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import flowstate as fs
 from flowstate import perform
 from flowstate.data import ref_annotation
+from flowstate.netflow import flow_state_id
 from flowstate.wire import codec
 from tests import netserver
 from tests.conftest import DriverFactory
@@ -166,6 +167,8 @@ def test_flow_ids_of_the_registry_are_capped() -> None:
         with pytest.raises(fs.ValidationError):
             registry.get_flow(bad)
     assert registry.ids() == [text_of(FLOW_ID)]
+    # A server advertises each flow it hosts as a state: its id must fit too.
+    assert len(flow_state_id(text_of(FLOW_ID)).encode()) <= ID
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ _INT64_MAX = 2**63 - 1
 # indexed), and SQLite and PostgreSQL fail on a query with too many label conditions.
 #: The longest state id.
 MAX_ID_BYTES = 1024
-#: The longest flow id (a transition's ``to``, a registered flow).
-MAX_FLOW_ID_BYTES = 1024
+#: The longest flow id (a transition's ``to``, a registered flow): below the id cap, so that
+#: the state advertising a remote flow (``flowstate.flow.<flow id>``) is within it.
+MAX_FLOW_ID_BYTES = 1000
 #: The longest label key and label value.
 MAX_LABEL_KEY_BYTES = 256
 MAX_LABEL_VALUE_BYTES = 1024
