@@ -253,6 +253,35 @@ async def test_dead_writer_fails_pending_and_later_calls_and_reports_why(
     assert not sqlite_threads()
 
 
+async def test_server_health_reports_a_dead_writer(tmp_path: Path) -> None:
+    """Served over HTTP: the client's commit fails with StoreUnavailableError (nothing hangs)
+    and /health answers 503 with the reason."""
+    import httpx
+
+    from flowstate.drivers.net import NetDriver
+    from tests import netserver
+
+    backing = SqliteDriver(tmp_path / "served.db")
+
+    def broken(_conn: sqlite3.Connection, _batch: list[Any]) -> None:
+        raise RuntimeError("injected writer fault")
+
+    backing._run_batch = broken  # type: ignore[method-assign]
+    server = netserver.serve(backing)
+    health = await within(asyncio.to_thread(httpx.get, server.url + "/health", timeout=TIMEOUT))
+    assert health.status_code == 200, health.text
+    net = NetDriver(server.url)
+    await within(net.open())
+    try:
+        with pytest.raises(fs.StoreUnavailableError, match="injected writer fault"):
+            await within(net.commit(pair(0)[0]))
+    finally:
+        await within(net.close())
+    health = await within(asyncio.to_thread(httpx.get, server.url + "/health", timeout=TIMEOUT))
+    assert health.status_code == 503
+    assert "injected writer fault" in health.json()["error"]
+
+
 # ---------------------------------------------------------------------------------------------
 # close races: a call issued while the driver closes fails promptly, nothing is left running
 
