@@ -282,6 +282,15 @@ async def test_server_health_reports_a_dead_writer(tmp_path: Path) -> None:
     assert "injected writer fault" in health.json()["error"]
 
 
+async def test_a_store_that_cannot_be_opened_fails_with_a_flowstate_error(tmp_path: Path) -> None:
+    driver = SqliteDriver(tmp_path / "no-such-dir" / "x.db")
+    with pytest.raises(fs.StoreUnavailableError, match="no-such-dir"):
+        await within(driver.open())
+    with pytest.raises(fs.StoreUnavailableError):
+        await within(driver.commit(pair(0)[0]))
+    assert not sqlite_threads()
+
+
 # ---------------------------------------------------------------------------------------------
 # close races: a call issued while the driver closes fails promptly, nothing is left running
 

@@ -176,10 +176,12 @@ class SqliteDriver(Driver):
         self._writer.start()
         try:
             await ready
-        except BaseException:
+        except BaseException as exc:
             self._closed = True
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailableError(f"cannot open {self.path}: {exc}") from exc
             raise
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="flowstate-sqlite-read")
         self.notifier.head = await self.head_rev()
