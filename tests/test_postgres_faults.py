@@ -473,3 +473,14 @@ async def test_reads_of_unencodable_text_are_validation_errors(driver: PostgresD
     with pytest.raises(ValidationError):
         await asyncio.wait_for(driver.get_states(fs.get_states({"k": "\ud800"})), TIMEOUT)
     await assert_pool_idle(driver)
+
+
+async def test_a_query_with_more_labels_than_postgresql_takes_is_a_validation_error(
+    driver: PostgresDriver,
+) -> None:
+    """40,000 label sets (one query argument each) sent straight to the driver: asyncpg
+    refuses more than 32,767 arguments; that is the caller's input, not an unavailable store."""
+    q = fs.get_states(or_labels=[{"k": str(i)} for i in range(40_000)])
+    with pytest.raises(ValidationError):
+        await asyncio.wait_for(driver.get_states(q), TIMEOUT)
+    await assert_pool_idle(driver)

@@ -158,6 +158,12 @@ def _invalid(
     return ValidationError(field, f"refused by PostgreSQL: {text}")
 
 
+def _too_many_arguments(exc: BaseException) -> bool:
+    """Whether asyncpg refused a query for its number of arguments (over 32,767), which it
+    reports as a bare InterfaceError, before sending anything."""
+    return type(exc) is asyncpg.exceptions.InterfaceError and "query arguments" in str(exc)
+
+
 #: How long a cancelled write waits for the server to settle it (see PostgresDriver._guarded).
 CANCEL_SETTLE_LIMIT = 5.0
 
@@ -426,6 +432,8 @@ class PostgresDriver(Driver):
             except _DATA_ERRORS as exc:
                 raise _invalid(exc, (), field) from None
             except _CONNECTION_ERRORS as exc:
+                if _too_many_arguments(exc):  # a query with more labels than PostgreSQL takes
+                    raise _invalid(exc, (), field) from None
                 if conn is not None:
                     _discard(conn)  # never hand a broken connection back out
                 if attempt == 2:
