@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 
@@ -119,7 +118,8 @@ class MemoryDriver(Driver):
     def _delayed_candidates(self, lo: int | None, hi: int, offset: int) -> Iterator[DelayedState]:
         """Delayed states with offset > ``offset`` that may lie in (lo, hi], by offset."""
         if lo is None or hi < lo:
-            return itertools.islice(self._delayed, max(offset, 0), None)
+            log = self._delayed  # by offset: start right after ``offset``
+            return (log[i] for i in range(max(offset, 0), len(log)))
         first, last = lo // 3600, hi // 3600
         if last - first + 1 <= len(self._delayed_by_hour):
             hours = [self._delayed_by_hour.get(h, []) for h in range(first, last + 1)]
