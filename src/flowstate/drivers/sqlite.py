@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -91,15 +92,21 @@ def _row_state(row: tuple[Any, ...]) -> State:
     return State(sid, rev, loads_map(ann), loads_map(labels), from_millis(at), transition)
 
 
+log = logging.getLogger("flowstate")
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
     """One write for the writer thread.
 
     ``run`` executes inside a transaction and may run more than once (a batch whose transaction
     SQLite lost is run again job by job), so it must not change anything but its return value.
-    ``abandoned`` is set on the event loop thread when the caller was cancelled; the writer
-    reads it just before it would run the job and then skips it: a job runs in full or not at
-    all, and one that ran is announced to the watchers even if nobody waits for it any more.
+    Cancellation (the driver keeps the engine's contract itself, ``settles_writes``): when
+    the caller is cancelled, under the driver's ``_start_lock``, a job the writer has not
+    ``started`` is marked ``abandoned`` and never runs; a started one is waited for on
+    ``waiter`` (set by ``_deliver`` on the loop thread, like ``future``) and its outcome is
+    applied before the cancellation goes on. A job that ran is announced to the watchers even
+    if nobody waits for it any more.
     """
 
     run: Callable[[sqlite3.Connection], Any]
@@ -107,7 +114,10 @@ class _Job:
     result: Any = None
     error: BaseException | None = None
     abandoned: bool = False
+    started: bool = False
     done: bool = False  # result or error is final (the writer's death leaves it alone)
+    delivered: bool = False  # _deliver saw it (loop thread)
+    waiter: asyncio.Future[None] | None = None
 
 
 class SqliteDriver(Driver):
@@ -123,6 +133,8 @@ class SqliteDriver(Driver):
     thread dies all the same, every pending and later call fails at once with
     :class:`StoreUnavailableError` and :meth:`unavailable` says why.
     """
+
+    settles_writes = True  # see _Job: a cancelled write never runs or is applied
 
     def __init__(
         self,
@@ -152,6 +164,7 @@ class SqliteDriver(Driver):
         # Guards _closed and _dead together with every put on _queue: once either is set, no
         # job enters the queue, so the writer's final drain fails every job that is left.
         self._state_lock = threading.Lock()
+        self._start_lock = threading.Lock()  # the writer starting a job vs. its caller leaving
         self._closed = True
         self._dead: str | None = None
 
@@ -311,7 +324,7 @@ class SqliteDriver(Driver):
                 job.error = _store_error(exc, "write")
             return True
         for job in batch:
-            if job.abandoned:
+            if not self._start(job):
                 continue
             try:
                 conn.execute("SAVEPOINT job")
@@ -341,8 +354,16 @@ class SqliteDriver(Driver):
             job.result = job.error = None
         return False
 
+    def _start(self, job: _Job) -> bool:
+        """Writer thread: claim ``job`` for running, unless its caller abandoned it."""
+        with self._start_lock:
+            if job.abandoned:
+                return False
+            job.started = True
+            return True
+
     def _run_alone(self, conn: sqlite3.Connection, job: _Job) -> None:
-        if job.abandoned:
+        if not self._start(job):
             return
         job.result = job.error = None
         try:
@@ -370,6 +391,9 @@ class SqliteDriver(Driver):
             if job.error is None and isinstance(job.result, CommitOutcome):
                 # announced even if the caller was cancelled meanwhile: it is in the store
                 head = max(head, job.result.max_rev)
+            job.delivered = True
+            if job.waiter is not None and not job.waiter.done():
+                job.waiter.set_result(None)
             if job.future.done():
                 continue
             if job.error is not None:
@@ -379,7 +403,16 @@ class SqliteDriver(Driver):
         if head:
             self.notifier.notify(head)
 
-    async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(
+        self,
+        run: Callable[[sqlite3.Connection], Any],
+        on_landed: Callable[[Any], object] | None = None,
+    ) -> Any:
+        """Queue ``run`` for the writer thread and await its result.
+
+        Cancelled, the write either never runs (the writer had not started it) or is waited
+        for, and ``on_landed(result)`` applies a success, before CancelledError goes on.
+        """
         with self._state_lock:
             self._refuse()
             assert self._loop is not None
@@ -388,7 +421,18 @@ class SqliteDriver(Driver):
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.abandoned = True  # not run if the writer has not started it yet
+            with self._start_lock:
+                if not job.started:
+                    job.abandoned = True  # the writer will skip it: nothing lands
+                    raise
+            log.debug("a write was cancelled; waiting for the store's answer")
+            if not job.delivered:
+                job.waiter = self._loop.create_future()
+                while not job.waiter.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(job.waiter)
+            if job.error is None and on_landed is not None:
+                on_landed(job.result)
             raise
 
     # reads
@@ -426,7 +470,8 @@ class SqliteDriver(Driver):
         now = self.clock.now()
         # a fresh generator on every run: the writer may run a job again (see _Job)
         outcome: CommitOutcome = await self._write(
-            lambda conn: run_commit(process_commit(cmd, now), _SqliteTx(conn))
+            lambda conn: run_commit(process_commit(cmd, now), _SqliteTx(conn)),
+            CommitOutcome.apply,
         )
         outcome.apply()
 
@@ -472,7 +517,11 @@ class SqliteDriver(Driver):
     async def store_data(self, data: Data) -> None:
         # data changes only once it is stored; the writer thread sees a snapshot of it
         annotations, blob = dumps_map(data.annotations), bytes(data.blob)
-        rev: int = await self._write(lambda conn: _insert_data(conn, annotations, blob))
+
+        def landed(rev: int) -> None:
+            data.rev = rev
+
+        rev: int = await self._write(lambda conn: _insert_data(conn, annotations, blob), landed)
         data.rev = rev
 
     async def get_data(self, data: Data) -> None:
