@@ -61,6 +61,7 @@ from flowstate.errors import (
     NotFoundError,
     RevMismatchError,
     StoreUnavailableError,
+    StoreWriteError,
     ValidationError,
 )
 from flowstate.flow import Flow, FlowRegistry
@@ -115,6 +116,7 @@ __all__ = [
     "StateIterator",
     "StoreDataCmd",
     "StoreUnavailableError",
+    "StoreWriteError",
     "SystemClock",
     "TransitCmd",
     "Transition",
