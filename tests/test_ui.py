@@ -396,8 +396,11 @@ async def test_why_a_running_state_waits_and_the_recovery_statuses(ui: UiServer)
         and "no recoverer runs in this server" in w["reasons"][0]
     )
 
-    # The real recoverer (in the client engine) retries twice, then ends it by force.
-    worker = fs.Engine(NetDriver(ui.url), fs.FlowRegistry(), clock=ui.clock, delayer=False)
+    # The real recoverer (in a client engine that hosts "lost", a flow that never makes
+    # progress) retries twice, then ends it by force.
+    hosts_lost = fs.FlowRegistry()
+    hosts_lost.set_flow("lost", lambda ctx, engine: fs.noop())
+    worker = fs.Engine(NetDriver(ui.url), hosts_lost, clock=ui.clock, delayer=False)
     await worker.start()
     try:
         assert worker.recoverer is not None
