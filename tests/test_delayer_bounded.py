@@ -106,6 +106,39 @@ async def test_meta_stays_small_while_a_far_future_delay_is_pending(
         assert d.stats().pending == 0, "the far-future delay is held in memory"
 
 
+async def test_a_per_second_cron_does_not_grow_the_meta_state(
+    store: Callable[[], fs.Driver],
+) -> None:
+    """A flow that parks and delays itself by one second, fired 60 times while a delay a
+    month ahead is pending: the meta state's annotations do not grow with the firings (today
+    each firing adds its offset to the stored list)."""
+    fired: list[int] = []
+    registry = fs.FlowRegistry()
+
+    @registry.flow("cron")
+    async def cron(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
+        fired.append(ctx.current.rev)
+        at = engine.clock.now().replace(microsecond=0) + timedelta(seconds=1)
+        await engine.do(fs.commit(fs.park(ctx), fs.delay_until(ctx, "cron", at)))
+        return fs.noop()
+
+    async with cluster(store) as c:
+        engine = await c.engine(registry, recovery=False)
+        d = the_delayer(engine)
+        await engine.do(uncommitted(c.clock, "far", timedelta(days=30)))
+        ctx = new_ctx("every-second")
+        await engine.do(fs.commit(fs.park(ctx), fs.delay(ctx, "cron", 1)))
+        sizes: list[int] = []
+        for n in range(1, 61):
+            # the flow delays itself from the clock it reads, so a firing may need two seconds
+            await tick_until(c.clock, d, lambda n=n: len(fired) >= n, f"firing {n}")  # type: ignore[misc]
+            sizes.append(annotations_size(await latest(engine, delayer.META_ID)))
+        assert max(sizes) < 4096
+        # the decimal offset may gain a digit or two; a list of fired offsets would add ~30
+        assert max(sizes[30:]) <= max(sizes[:10]) + 8, f"the meta state grew: {sizes}"
+        assert d.stats().pending <= 1, "more than the next firing held in memory"
+
+
 async def test_memory_holds_the_lookahead_window_only(store: Callable[[], fs.Driver]) -> None:
     """300 delays a day ahead are not loaded until they enter the look-ahead window; then they
     all fire, once each."""
