@@ -104,15 +104,16 @@ class Progress:
         return out
 
     @classmethod
-    def read(cls, annotations: dict[str, str], now: datetime) -> Progress:
+    def read(cls, annotations: dict[str, str], now: datetime, warn: bool = True) -> Progress:
         """Progress from meta annotations written by us, by Go, or by our earlier format
         (``offset`` and ``fired`` without ``since``: every offset up to ``offset`` was done,
-        so T can start at ``now``). Unreadable values count as nothing done."""
+        so T can start at ``now``). Unreadable values count as nothing done (Go panics)."""
         progress = cls()
         try:
             progress.offset = max(int(annotations.get(OFFSET) or 0), 0)
         except ValueError:
-            log.warning("unreadable %s=%r: starting from 0", OFFSET, annotations.get(OFFSET))
+            if warn:
+                log.warning("unreadable %s=%r: starting from 0", OFFSET, annotations.get(OFFSET))
         since = annotations.get(SINCE)
         if since is None:
             progress.since = to_seconds(now) if progress.offset else 0
@@ -120,7 +121,8 @@ class Progress:
             try:
                 progress.since = max(to_seconds(parse_rfc3339(since)), 0)
             except ValueError:
-                log.warning("unreadable %s=%r: starting from the epoch", SINCE, since)
+                if warn:
+                    log.warning("unreadable %s=%r: starting from the epoch", SINCE, since)
         progress.fired = dict.fromkeys(_split(annotations.get(FIRED, "")))
         progress.owed = set(_split(annotations.get(OWED, "")))
         return progress
@@ -162,6 +164,13 @@ class Delayer(RoleWorker):
     due ones in execute_at order through an :class:`~flowstate.roles.ExecutionGate`
     (``max_executions`` running at once), advance the watermarks and store them. A standby
     only reads the meta state and asks one small query per ``interval``.
+
+    In memory (active only; every change of role clears it and re-reads the meta state):
+    the progress P (T, O, owed, fired) whose claim holds for what is stored or about to be;
+    W ≥ T, the time up to which the window is loaded; ``_pending``, the delayed states held:
+    not done, offset ≤ O, and either due in (T, W] or owed. Every delayed state due in
+    (T, W] with offset ≤ O is held or done, so firing what is held and moving T up to
+    min(now, W) keeps the claim.
     """
 
     name = "delayer"
@@ -290,7 +299,7 @@ class Delayer(RoleWorker):
         as fired. One query of at most ``LIST_CAP + 1`` entries."""
         if self.role.active:
             return True
-        progress = Progress.read(self.role.annotations, self.engine.clock.now())
+        progress = Progress.read(self.role.annotations, self.engine.clock.now(), warn=False)
         if progress.owed:
             return True
         query = get_delayed_states(
