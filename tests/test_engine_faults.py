@@ -131,7 +131,8 @@ class SqliteBlocker(Blocker):
         return self.queue.queued > 0 and self.queue.qsize() == 0
 
     async def release(self) -> None:
-        self.conn.execute("COMMIT")
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT")
         self.conn.close()
 
 
@@ -163,8 +164,8 @@ class PostgresBlocker(Blocker):
         return bool(n)
 
     async def release(self) -> None:
-        await self.tx.rollback()
-        await self.conn.close()
+        if self.conn is not None and not self.conn.is_closed():
+            await self.conn.close()  # rolls the transaction back
 
 
 @pytest.fixture
@@ -172,13 +173,27 @@ async def blockable(driver_name: str, driver_factory: DriverFactory) -> AsyncIte
     if driver_name not in ("sqlite", "postgres"):
         pytest.skip("the commit of this driver cannot be caught inside the store")
     async with fs.Engine(driver_factory(), recovery=False, delayer=False) as engine:
-        yield engine
+        try:
+            yield engine
+        finally:
+            # a failed test must not leave its lock (PostgreSQL: an open transaction, which
+            # would hold back readers of every store on the server) behind
+            for blocker in _BLOCKERS.pop(id(engine), []):
+                with contextlib.suppress(Exception):
+                    await blocker.release()
+
+
+_BLOCKERS: dict[int, list[Blocker]] = {}
 
 
 def blocker_for(engine: fs.Engine, state_id: str) -> Blocker:
+    blocker: Blocker
     if isinstance(engine.driver, fs.SqliteDriver):
-        return SqliteBlocker(engine.driver)
-    return PostgresBlocker(engine.driver, state_id)
+        blocker = SqliteBlocker(engine.driver)
+    else:
+        blocker = PostgresBlocker(engine.driver, state_id)
+    _BLOCKERS.setdefault(id(engine), []).append(blocker)
+    return blocker
 
 
 class _Signal(logging.Handler):
