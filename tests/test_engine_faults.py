@@ -168,11 +168,27 @@ class PostgresBlocker(Blocker):
             await self.conn.close()  # rolls the transaction back
 
 
+_BACKING: dict[int, fs.Driver] = {}
+
+
 @pytest.fixture
-async def blockable(driver_name: str, driver_factory: DriverFactory) -> AsyncIterator[fs.Engine]:
-    if driver_name not in ("sqlite", "postgres"):
+async def blockable(
+    driver_name: str, driver_factory: DriverFactory, tmp_path: Path
+) -> AsyncIterator[fs.Engine]:
+    """An engine whose store can be blocked: SQLite, PostgreSQL, or a server over SQLite (the
+    engine -> NetDriver -> server -> SqliteDriver path; the lock is taken on the server's
+    file)."""
+    if driver_name == "net-over-sqlite":
+        from tests import netserver
+
+        backing = fs.SqliteDriver(tmp_path / "served.db")
+        driver: fs.Driver = netserver.net_driver(backing)
+    elif driver_name in ("sqlite", "postgres"):
+        driver = backing = driver_factory()
+    else:
         pytest.skip("the commit of this driver cannot be caught inside the store")
-    async with fs.Engine(driver_factory(), recovery=False, delayer=False) as engine:
+    async with fs.Engine(driver, recovery=False, delayer=False) as engine:
+        _BACKING[id(engine)] = backing
         try:
             yield engine
         finally:
@@ -181,6 +197,7 @@ async def blockable(driver_name: str, driver_factory: DriverFactory) -> AsyncIte
             for blocker in _BLOCKERS.pop(id(engine), []):
                 with contextlib.suppress(Exception):
                     await blocker.release()
+            _BACKING.pop(id(engine), None)
 
 
 _BLOCKERS: dict[int, list[Blocker]] = {}
@@ -188,10 +205,11 @@ _BLOCKERS: dict[int, list[Blocker]] = {}
 
 def blocker_for(engine: fs.Engine, state_id: str) -> Blocker:
     blocker: Blocker
-    if isinstance(engine.driver, fs.SqliteDriver):
-        blocker = SqliteBlocker(engine.driver)
+    backing = _BACKING[id(engine)]
+    if isinstance(backing, fs.SqliteDriver):
+        blocker = SqliteBlocker(backing)
     else:
-        blocker = PostgresBlocker(engine.driver, state_id)
+        blocker = PostgresBlocker(backing, state_id)
     _BLOCKERS.setdefault(id(engine), []).append(blocker)
     return blocker
 
