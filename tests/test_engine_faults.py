@@ -404,3 +404,27 @@ async def test_roles_on_request_without_flows(tmp_path: Path) -> None:
     async with fs.Engine(fs.SqliteDriver(tmp_path / "x.db"), recovery=True) as asked:
         assert await _exists(asked, "flowstate.recovery.meta")
         assert not await _exists(asked, "flowstate.delayer.meta")
+
+
+async def test_cancelled_store_data_tells_the_truth(blockable: fs.Engine) -> None:
+    engine = blockable
+    if not isinstance(_BACKING[id(engine)], fs.SqliteDriver):
+        pytest.skip("the data insert is blocked by SQLite's write lock only")
+    ctx = fs.StateCtx(current=fs.State("s1"))
+    data = fs.Data(b"payload")
+    ctx.set_data("a", data)
+    blocker = blocker_for(engine, "s1")
+    await blocker.hold()
+    task = asyncio.create_task(engine.do(fs.store_data(ctx, "a")))
+    await until(lambda: blocker.blocked())
+    task.cancel()
+    await asyncio.sleep(0)
+    await blocker.release()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, TIMEOUT)
+    # the writer had started the insert: it landed, and the Data and the ctx say so
+    assert data.rev > 0 and CHECKSUM in data.annotations
+    assert ctx.current.annotations["flowstate.data.a"] == str(data.rev)
+    back = fs.StateCtx(current=ctx.current.copy())
+    await engine.do(fs.get_data(back, "a"))
+    assert back.datas["a"].blob == b"payload"

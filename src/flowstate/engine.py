@@ -323,18 +323,24 @@ class Engine:
             work.datas[cmd.alias] = original.copy()
         sub = StoreDataCmd(work, cmd.alias)
         data = perform.prepare_store_data(sub)
+
+        def apply() -> None:
+            if data is not None:
+                perform.link_data(sub, data)
+            if original is not None:
+                stored = work.datas[cmd.alias]
+                original.annotations, original.rev = stored.annotations, stored.rev
+            ref = ref_annotation(cmd.alias)
+            cmd.ctx.current.annotations[ref] = work.current.annotations[ref]
+
         if data is not None:
-            await self._settle(self.driver.store_data(data))
-            perform.link_data(sub, data)
-        if original is not None:
-            stored = work.datas[cmd.alias]
-            original.blob, original.annotations, original.rev = (
-                stored.blob,
-                stored.annotations,
-                stored.rev,
-            )
-        ref = ref_annotation(cmd.alias)
-        cmd.ctx.current.annotations[ref] = work.current.annotations[ref]
+            try:
+                await self._settle(self.driver.store_data(data))
+            except asyncio.CancelledError:
+                if data.rev > 0 and data.rev != getattr(original, "rev", 0):
+                    apply()  # it landed before the cancellation: the caller must know
+                raise
+        apply()
 
     async def _get_data(self, cmd: GetDataCmd) -> None:
         data = perform.prepare_get_data(cmd)
