@@ -160,7 +160,6 @@ async def test_writes_cancelled_at_every_point_leak_no_connection(driver: Postgr
     turns: every await of acquire, BEGIN, the statements and COMMIT is hit by some of them, many
     more times than the pool has connections. Afterwards every connection is idle and the store
     serves; each cancelled commit either did not land or is seen by its ctx and announced."""
-    landed = 0
     for turns in range(40):
         ctx, cmd = park(f"one-{turns}")
         writes: list[Awaitable[Any]] = [
@@ -184,7 +183,6 @@ async def test_writes_cancelled_at_every_point_leak_no_connection(driver: Postgr
         except fs.NotFoundError:
             assert ctx.committed.rev == 0, "the ctx shows a commit that did not land"
             continue
-        landed += 1
         assert ctx.committed.rev == stored.rev, "a cancelled commit landed unseen by its ctx"
         assert driver.notifier.head >= stored.rev, "a cancelled commit landed unannounced"
     await assert_pool_idle(driver)
