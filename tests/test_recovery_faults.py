@@ -16,7 +16,7 @@ import pytest
 
 import flowstate as fs
 from flowstate import perform, recovery
-from flowstate.errors import ValidationError
+from flowstate.errors import CommitUnknownError, ValidationError
 from flowstate.roles import RoleState
 from tests.workers import cluster, history, latest, ticks, until
 
@@ -72,6 +72,7 @@ async def test_shutdown_during_a_heartbeat_hands_over_at_once(
                 await go_on.wait()  # the answer is slow to come back
 
         a.driver.commit = commit  # type: ignore[method-assign]
+        await ticks(c.clock, a.recoverer, 1)  # returns with a asleep on the clock
         c.clock.advance(a.recoverer.meta_every)  # the next tick writes a heartbeat
         await asyncio.wait_for(landed.wait(), 20)
         task = a.recoverer._task
@@ -86,6 +87,78 @@ async def test_shutdown_during_a_heartbeat_hands_over_at_once(
         assert meta.transition.annotations == {"state": "inactive"}, "the role was not freed"
         b = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
         assert b.recoverer is not None and b.recoverer.stats().active, "b must not wait"
+
+
+def slow_answer(engine: fs.Engine) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the engine's next commit of the recovery meta state land in the store, then hold
+    its answer back until the second event is set. Returns (landed, go_on)."""
+    landed, go_on = asyncio.Event(), asyncio.Event()
+    inner = engine.driver.commit
+
+    async def commit(cmd: fs.CommitCmd) -> None:
+        await inner(cmd)
+        if not landed.is_set() and carries_meta(cmd):
+            landed.set()
+            await go_on.wait()
+
+    engine.driver.commit = commit  # type: ignore[method-assign]
+    return landed, go_on
+
+
+async def test_shutdown_during_a_claim_hands_over_at_once(
+    store: Callable[[], fs.Driver],
+) -> None:
+    """Likewise for a standby's claim that lands while shutdown() cancels it: the claim made
+    the process active, so its release must free the role."""
+    async with cluster(store) as c:
+        a = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
+        b = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
+        assert b.recoverer is not None and not b.recoverer.stats().active
+        await ticks(c.clock, b.recoverer, 1)  # returns with b asleep on the clock
+        await a.shutdown()
+        landed, go_on = slow_answer(b)
+        c.clock.advance(b.recoverer.interval)  # b's next tick claims the free role
+        await asyncio.wait_for(landed.wait(), 20)
+        task = b.recoverer._task
+        assert task is not None
+        shutdown = asyncio.ensure_future(b.shutdown())
+        await until(lambda: task.cancelling() > 0 or task.done(), "shutdown to cancel the worker")
+        go_on.set()
+        await asyncio.wait_for(shutdown, 20)
+        probe = await c.engine(fs.FlowRegistry(), recovery=False, delayer=False)
+        meta = await latest(probe, recovery.META_ID)
+        assert meta.transition.annotations == {"state": "inactive"}, "the claimed role stuck"
+
+
+async def test_a_heartbeat_whose_answer_was_lost_still_hands_over(
+    store: Callable[[], fs.Driver],
+) -> None:
+    """The heartbeat lands but the caller gets an error instead of the answer (a connection
+    lost after the request was sent). The active process must recognise that version as its
+    own: it stays active on the next tick, and its release frees the role."""
+    async with cluster(store) as c:
+        a = await c.engine(fs.FlowRegistry(), recovery=True, delayer=False)
+        assert a.recoverer is not None
+        lost = True
+        inner = a.driver.commit
+
+        async def commit(cmd: fs.CommitCmd) -> None:
+            nonlocal lost
+            await inner(cmd)
+            if lost and carries_meta(cmd):
+                lost = False
+                raise CommitUnknownError("the answer was lost")
+
+        a.driver.commit = commit  # type: ignore[method-assign]
+        await ticks(c.clock, a.recoverer, 1)  # returns with a asleep on the clock
+        c.clock.advance(a.recoverer.meta_every)
+        await until(lambda: not lost, "the heartbeat")
+        await ticks(c.clock, a.recoverer, 2)
+        assert a.recoverer.stats().active, "stepped down from a role it still holds"
+        await a.shutdown()
+        probe = await c.engine(fs.FlowRegistry(), recovery=False, delayer=False)
+        meta = await latest(probe, recovery.META_ID)
+        assert meta.transition.annotations == {"state": "inactive"}, "the role was not freed"
 
 
 # item 10: log time, not host time

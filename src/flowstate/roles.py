@@ -172,12 +172,7 @@ class Role:
             return
         ctx = StateCtx(current=State(self.meta_id, annotations=dict(initial)))
         ctx.current.annotations[RECOVERY_ENABLED] = "false"  # as Go writes it
-        try:
-            await self._commit(ctx, ACTIVE)
-        except RevMismatchError:  # another process created it first
-            await self._reload()
-            return
-        self._become(RoleState.ACTIVE)
+        await self._claim_with(ctx)  # a conflict: another process created it first
 
     async def check(self, has_work: bool) -> bool:
         """Re-read the meta state (one read); step down or take over as the rules say. True if
@@ -223,8 +218,11 @@ class Role:
         writes nothing). If a write of ours landed unseen meanwhile, the release retries on
         top of it, so that the next process can take over at once."""
         if self._state is RoleState.STANDBY:
-            self._become(RoleState.RELEASED)
-            return
+            if self._unsettled is not None and await self._latest_is_ours():
+                self._become(RoleState.ACTIVE)  # a claim of ours landed unseen: free it
+            else:
+                self._become(RoleState.RELEASED)
+                return
         if self._state is not RoleState.ACTIVE:
             return
         self._become(RoleState.STEPPING_DOWN)
@@ -243,13 +241,22 @@ class Role:
 
     async def _claim(self) -> bool:
         ctx = self.meta.copy()
+        await self._claim_with(ctx)
+        return self.active
+
+    async def _claim_with(self, ctx: StateCtx) -> None:
+        """Commit ``ctx`` with ``state=active``; become active if it was stored, even when the
+        caller is being cancelled meanwhile (so that the release frees the role)."""
         try:
             await self._commit(ctx, ACTIVE)
         except RevMismatchError:
             await self._reload()
-            return False
+            return
+        except asyncio.CancelledError:
+            if self.meta is ctx:  # the claim settled as stored
+                self._become(RoleState.ACTIVE)
+            raise
         self._become(RoleState.ACTIVE)
-        return True
 
     async def _commit(self, ctx: StateCtx, role: str) -> None:
         """Commit ``park(ctx, state=role)`` and adopt it as :attr:`meta` once stored.
