@@ -202,7 +202,9 @@ class Recoverer(RoleWorker):
     async def tick(self) -> None:
         """Read new commits, settle the role, and (if active) retry what is due."""
         await self._read()
-        if await self.role.check(has_work=self._next_since() > self._stored_since):
+        # work waits when the log holds a recovery-enabled state after the stored progress
+        stored = _since_rev(self.role.annotations) if not self.role.active else self._stored_since
+        if await self.role.check(has_work=self._next_since() > stored):
             await self._read()  # the claim reset us to the stored since_rev
         if not self.role.active:
             return
@@ -235,6 +237,8 @@ class Recoverer(RoleWorker):
         """
         now = self.engine.clock.now()
         newest: datetime | None = None
+        if not self.role.active:  # what the active process finished need not be read again
+            self._cursor = max(self._cursor, _since_rev(self.role.annotations))
         while True:
             page = get_states(since_rev=self._cursor, limit=500)
             await self.engine.do(page)
@@ -253,8 +257,8 @@ class Recoverer(RoleWorker):
                 else:
                     self._track(state)
                     self._added += 1
-            if not page.result.more:
-                break
+            if not page.result.more or not self.role.active:
+                break  # a standby reads one page per tick: it only needs to know work waits
         self._advance_head_time(now, newest)
 
     def _advance_head_time(self, now: datetime, newest: datetime | None) -> None:
