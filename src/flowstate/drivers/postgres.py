@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
@@ -68,6 +69,7 @@ from flowstate.errors import (
 )
 from flowstate.state import State, Transition
 
+log = logging.getLogger("flowstate")
 T = TypeVar("T")
 
 _COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
@@ -254,6 +256,9 @@ class PostgresDriver(Driver):
     ``schema`` argument) keeps the tables in that schema, created if missing. Migrations are
     applied on open, under an advisory lock, so concurrent starts are safe.
     """
+
+    #: Writes keep the engine's cancellation contract themselves (see ``_guarded``).
+    settles_writes = True
 
     def __init__(
         self,
@@ -492,6 +497,7 @@ class PostgresDriver(Driver):
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             phase.cancelled = True
+            log.debug("a write was cancelled; waiting for the store's answer")
             settled = await self._settle(conn, phase, task)
             _discard(conn)
             if not settled:
