@@ -611,11 +611,7 @@ class PostgresDriver(Driver):
                 _COMMIT_ONE_FIELDS,
                 [s.id for s in states],
                 [e for _, e in staged],
-                [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-                [dumps_map(s.annotations) for s in states],
-                [dumps_map(s.labels) for s in states],
-                [s.transition.to for s in states],
-                [dumps_map(s.transition.annotations) for s in states],
+                *_version_columns(states),
             )
         except _Landed as landed:
             _renumber(outcome, int(landed.result), len(states))
@@ -921,6 +917,18 @@ async def _get_data(conn: asyncpg.Connection, data: Data) -> None:
     data.blob = bytes(row[1])
 
 
+def _version_columns(states: list[State]) -> tuple[list[Any], ...]:
+    """The per-version argument arrays the commit functions take after ids, expected revs
+    (and revs): committed_at, annotations, labels, transition to, transition annotations."""
+    return (
+        [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
+        [dumps_map(s.annotations) for s in states],
+        [dumps_map(s.labels) for s in states],
+        [s.transition.to for s in states],
+        [dumps_map(s.transition.annotations) for s in states],
+    )
+
+
 def _in_order(conflicts: list[str], ids: list[str]) -> list[str]:
     """The conflicting ids (the database reports them sorted) in commit order."""
     found = set(conflicts)
@@ -1010,11 +1018,7 @@ class _PgTx:
                 [s.id for s in states],
                 [e for _, e in self.staged],
                 [s.rev for s in states],
-                [to_millis(s.committed_at) if s.committed_at else 0 for s in states],
-                [dumps_map(s.annotations) for s in states],
-                [dumps_map(s.labels) for s in states],
-                [s.transition.to for s in states],
-                [dumps_map(s.transition.annotations) for s in states],
+                *_version_columns(states),
             )
         except _DATA_ERRORS as exc:
             raise _invalid(exc, _STORE_FIELDS) from None
