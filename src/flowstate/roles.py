@@ -152,6 +152,7 @@ class Role:
 
     @property
     def state(self) -> RoleState:
+        """Where this process stands (see :class:`RoleState`)."""
         return self._state
 
     @property
@@ -172,7 +173,7 @@ class Role:
             return
         ctx = StateCtx(current=State(self.meta_id, annotations=dict(initial)))
         ctx.current.annotations[RECOVERY_ENABLED] = "false"  # as Go writes it
-        await self._claim_with(ctx)  # a conflict: another process created it first
+        await self._claim_with(ctx)  # on a conflict another process created it: stand by
 
     async def check(self, has_work: bool) -> bool:
         """Re-read the meta state (one read); step down or take over as the rules say. True if
