@@ -222,7 +222,7 @@ async def test_delayed_offsets_never_appear_out_of_order(engine: fs.Engine, sche
     try:
         tx = slow.transaction()
         await tx.start()
-        o1 = await slow.fetchval("SELECT flowstate_alloc_revs(1)")
+        o1 = await slow.fetchval("SELECT flowstate_alloc_offsets(1)")
         await slow.execute(
             'INSERT INTO flowstate_delayed ("offset", execute_at, state) VALUES ($1, 0, $2)',
             o1,

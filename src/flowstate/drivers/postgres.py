@@ -4,10 +4,12 @@ A commit made only of transit/park sub-commands is one statement, ``flowstate_co
 its own implicit transaction; other commits run in a transaction on a pooled asyncpg connection
 and store their versions with ``flowstate_store_versions``. The rev check is done by the
 database (the latest row of every state written is locked), so it holds across processes. Revs
-are allocated in blocks by ``flowstate_alloc_revs``, which assigns the transaction id under an
-advisory lock: rev order equals transaction-id order, and readers show only rows written by
-transactions older than every transaction still running (the xmin of their snapshot). A reader
-therefore never delivers rev N and later discovers a lower rev.
+are allocated in blocks by ``flowstate_alloc_revs``, which marks each block in flight with a
+transaction-level advisory lock until its transaction ends. A log read first asks
+``flowstate_rev_bound`` for the lowest rev that may still commit (the allocated head, then the
+marks in ``pg_locks``) and then, in a later statement, shows only rows below it. A reader
+therefore never delivers rev N and later discovers a lower rev, and only this store's own
+in-flight commits hold it back: transactions of other applications do not (docs/postgres.md).
 
 Watchers are woken by LISTEN/NOTIFY. Commits do not notify inside their transaction (a
 notifying transaction holds a cluster-wide lock through its WAL flush); after they return, one
@@ -39,7 +41,6 @@ import xxhash
 from flowstate.clock import Clock, from_millis, from_seconds, to_millis, to_seconds
 from flowstate.commands import (
     CommitCmd,
-    DelayCmd,
     DelayedState,
     GetDelayedStatesResult,
     GetStatesCmd,
@@ -73,10 +74,23 @@ log = logging.getLogger("flowstate")
 T = TypeVar("T")
 
 _COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
-_HORIZON = "(SELECT pg_snapshot_xmin(pg_current_snapshot()))"
-_HEAD_SQL = f"SELECT max(rev) FROM flowstate_states WHERE xid < {_HORIZON}"
-#: How long a read waits for this driver's own latest commit to become visible.
+_HEAD_SQL = "SELECT flowstate_head()"
+#: The read horizon: (bound, allocated); waits up to $2 ms for bound to pass rev $1.
+_BOUND_SQL = "SELECT bound, allocated FROM flowstate_rev_bound_after($1, $2)"
+_OFFSET_BOUND_SQL = "SELECT flowstate_offset_bound()"
+_IN_FLIGHT_SQL = (
+    "SELECT first_value, pid, xact_start, application_name, state, "
+    "extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age "
+    "FROM flowstate_in_flight() WHERE kind = 'rev' ORDER BY first_value LIMIT 1"
+)
+#: How long a log read waits for this driver's own latest commit to become visible: only a
+#: lower rev still in flight (another flowstate commit of this store) makes it wait.
 CATCH_UP_LIMIT = 2.0
+#: A rev in flight this long while readers are held below it is logged as a warning.
+STUCK_WARN_AFTER = 10.0
+
+log = logging.getLogger(__name__)
+_ALLOC_OFFSET_SQL = "SELECT flowstate_alloc_offsets(1)"
 _COMMIT_ONE_SQL = "SELECT flowstate_commit_one($1, $2, $3, $4, $5, $6, $7)"
 _NOTIFY_SQL = "SELECT pg_notify($1, $2)"
 _CONFLICT_SQLSTATE = "FS001"  # raised by flowstate_commit_one
@@ -283,7 +297,9 @@ class PostgresDriver(Driver):
         self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         self._own_rev = 0  # the highest rev this driver committed
-        self._seen_head = 0  # a head rev known to be visible
+        #: the lowest in-flight rev readers last found below the allocated head, when first
+        #: found, and whether it was reported (see _note_bound)
+        self._held: tuple[int, float, bool] | None = None
         self._published = 0  # the highest rev announced to other processes
         self._publisher: asyncio.Task[None] | None = None
 
@@ -584,8 +600,8 @@ class PostgresDriver(Driver):
         self._announce(outcome)
 
     async def _commit_in_transaction(self, cmd: CommitCmd, now: datetime) -> CommitOutcome:
-        # delayed states inside the commit take their offsets from the same block
-        n = committable_count(cmd) + sum(isinstance(c, DelayCmd) for c in cmd.commands)
+        # delayed states inside the commit take offsets of their own sequence (_PgTx.delay)
+        n = committable_count(cmd)
 
         async def run(conn: asyncpg.Connection) -> CommitOutcome:
             first = await conn.fetchval("SELECT flowstate_alloc_revs($1)", n) if n else 0
@@ -649,29 +665,55 @@ class PostgresDriver(Driver):
         own = self._own_rev
 
         async def run(conn: asyncpg.Connection) -> GetStatesResult:
-            if own > self._seen_head:
-                await self._catch_up(conn, own)
-            return await _get_states(conn, cmd)
+            return await _get_states(conn, cmd, await self._bound(conn, own))
 
         return await self._read(run, "labels")
 
-    async def _catch_up(self, conn: asyncpg.Connection, rev: int) -> None:
-        """Read your own writes: wait (briefly) until ``rev``, committed by this driver, is
-        below the read horizon, i.e. until transactions that took lower revs have finished."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CATCH_UP_LIMIT
-        while True:
-            head = int(await conn.fetchval(_HEAD_SQL) or 0)
-            if head >= rev:
-                self._seen_head = max(self._seen_head, head)
-                return
-            if loop.time() > deadline:
-                return  # an unrelated long transaction: deliver what is safe now
-            await asyncio.sleep(0.001)
+    async def _bound(self, conn: asyncpg.Connection, own: int) -> int:
+        """The read horizon: every rev below it is finished, none at or above it may be shown.
+
+        Read your own writes: while a lower rev is still in flight (another flowstate commit
+        of this store, normally for milliseconds), the server waits on its in-flight mark, up to
+        CATCH_UP_LIMIT, for the horizon to pass ``own``, this driver's latest commit; after
+        that, what is safe is shown. Transactions of other applications never count."""
+        wait_ms = int(CATCH_UP_LIMIT * 1000) if own else 0
+        bound, allocated = await conn.fetchrow(_BOUND_SQL, own, wait_ms)
+        await self._note_bound(conn, int(bound), int(allocated))
+        return int(bound)
+
+    async def _note_bound(self, conn: asyncpg.Connection, bound: int, allocated: int) -> None:
+        """Warn (once per rev) when readers have been held below the same in-flight rev for
+        STUCK_WARN_AFTER seconds or more, naming the rev, its age and who holds it."""
+        if bound > allocated:
+            self._held = None
+            return
+        now = asyncio.get_running_loop().time()
+        if self._held is None or self._held[0] != bound:
+            self._held = (bound, now, False)
+            return
+        _, since, reported = self._held
+        if reported or now - since < STUCK_WARN_AFTER:
+            return
+        self._held = (bound, since, True)
+        row = await conn.fetchrow(_IN_FLIGHT_SQL)
+        if row is None or int(row["first_value"]) != bound:
+            return  # it ended meanwhile
+        log.warning(
+            "flowstate readers of schema %s are held at rev %d: its commit has been in flight "
+            "for %.0f s (server pid %s, application %r, %s); rows from rev %d on stay hidden "
+            "until PostgreSQL ends that transaction",
+            self.schema,
+            bound,
+            row["age"] or 0.0,
+            row["pid"],
+            row["application_name"],
+            row["state"],
+            bound,
+        )
 
     async def delay(self, delayed: DelayedState) -> int:
         async def run(conn: asyncpg.Connection) -> int:
-            offset = int(await conn.fetchval("SELECT flowstate_alloc_revs(1)"))
+            offset = int(await conn.fetchval(_ALLOC_OFFSET_SQL))
             await _insert_delayed(conn, delayed, offset)
             return offset
 
@@ -684,12 +726,14 @@ class PostgresDriver(Driver):
         self, since: datetime | None, until: datetime, offset: int, limit: int
     ) -> GetDelayedStatesResult:
         async def run(conn: asyncpg.Connection) -> GetDelayedStatesResult:
+            # the horizon first, the rows in a later statement (see flowstate_offset_bound)
+            bound = int(await conn.fetchval(_OFFSET_BOUND_SQL))
             sql = 'SELECT "offset", execute_at, state FROM flowstate_delayed WHERE "offset" > $1 '
-            sql += f"AND xid < {_HORIZON} "
+            sql += 'AND "offset" < $3 '
             sql += "AND execute_at <= $2 "
-            args: list[Any] = [offset, to_seconds(until)]
+            args: list[Any] = [offset, to_seconds(until), bound]
             if since is not None:
-                sql += "AND execute_at > $3 "
+                sql += "AND execute_at > $4 "
                 args.append(to_seconds(since))
             sql += f'ORDER BY "offset" LIMIT {int(limit) + 1}'
             rows = await conn.fetch(sql, *args)
@@ -822,8 +866,14 @@ async def _get_state_by_labels(conn: asyncpg.Connection, labels: Mapping[str, st
 
 
 def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
-    """SQL conditions on ``s`` for the label, time and visibility filters; appends args."""
-    where = [f"s.xid < {_HORIZON}"]
+    """SQL conditions on ``s`` for the visibility (``$1``, the read horizon), label and time
+    filters; appends args."""
+    # "+ 0": a filter on each row, not a range of the primary key. The bound is almost always
+    # above every row, so as an index condition it makes the planner walk the primary key in
+    # rev order for a selective label query (scanning ~1 row in 1/selectivity) instead of using
+    # the GIN index; as an opaque filter the plans stay those of schema versions 1-4, whose
+    # horizon (an xid comparison) was such a filter. (Index conditions come from since_rev.)
+    where = ["s.rev + 0 < $1"]
     if cmd.labels and all(cmd.labels):
         ors = []
         for labels in cmd.labels:
@@ -836,25 +886,27 @@ def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
     return " AND ".join(where)
 
 
-#: Whether row ``s`` is the latest *visible* version of its state. flowstate_latest may name a
-#: rev committed beyond the read horizon: comparing with it alone would hide the state while a
-#: lower rev of it is visible. Revs are allocated in xid order, so the visible rows are exactly
-#: those up to the highest visible rev V: when the latest rev is at most V, ``s`` is the latest
-#: visible version iff it is the latest; only beyond V (rare: a state committed again while an
-#: older transaction runs) is a newer visible row looked for. The cost stays one probe of
-#: flowstate_latest_pkey per row, as before; V is computed once, and only if needed.
+#: Whether row ``s`` is the latest *visible* version of its state, ``$1`` being the read horizon.
+#: flowstate_latest may name a rev at or beyond the horizon: comparing with it alone would hide
+#: the state while a lower rev of it is visible. So when the latest rev is beyond the horizon
+#: (rare: a state committed again while a lower rev is in flight), a newer visible row is looked
+#: for; otherwise ``s`` is the latest visible version iff it is the latest. One probe of
+#: flowstate_latest_pkey per row, as before.
 _LATEST_VISIBLE = (
     "(SELECT CASE WHEN l.rev = s.rev THEN true "
-    f"WHEN l.rev > (SELECT max(v.rev) FROM flowstate_states v WHERE v.xid < {_HORIZON}) "
-    "THEN NOT EXISTS (SELECT 1 FROM flowstate_states n "
-    f"WHERE n.id = s.id AND n.rev > s.rev AND n.xid < {_HORIZON}) "
+    "WHEN l.rev >= $1 THEN NOT EXISTS (SELECT 1 FROM flowstate_states n "
+    "WHERE n.id = s.id AND n.rev > s.rev AND n.rev < $1) "
     "ELSE false END FROM flowstate_latest l WHERE l.id = s.id)"
 )
 
+#: A horizon above every rev, for looking at plans without a store (scripts, tests).
+NO_HORIZON = 2**62
 
-def states_query(cmd: GetStatesCmd) -> tuple[str, list[Any]]:
-    """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``)."""
-    args: list[Any] = []
+
+def states_query(cmd: GetStatesCmd, bound: int = NO_HORIZON) -> tuple[str, list[Any]]:
+    """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``) showing
+    only revs below ``bound``, a read horizon computed before the statement runs."""
+    args: list[Any] = [bound]
     where = _filters(cmd, args)
     if cmd.since_rev < 0:
         since = f"s.rev >= (SELECT max(s.rev) FROM flowstate_states s WHERE {where})"
@@ -883,8 +935,8 @@ async def _acquire(pool: asyncpg.Pool, attempt: int) -> asyncpg.Connection | Non
         return None
 
 
-async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd) -> GetStatesResult:
-    sql, args = states_query(cmd)
+async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd, bound: int) -> GetStatesResult:
+    sql, args = states_query(cmd, bound)
     rows = await conn.fetch(sql, *args)
     states = [_row_state(r) for r in rows[: cmd.limit]]
     return GetStatesResult(states, len(rows) > cmd.limit)
@@ -1003,8 +1055,7 @@ class _PgTx:
         await _get_data(self.conn, data)
 
     async def delay(self, delayed: DelayedState) -> int:
-        offset = self.next_rev
-        self.next_rev += 1
+        offset = int(await self.conn.fetchval(_ALLOC_OFFSET_SQL))
         await _insert_delayed(self.conn, delayed, offset)
         return offset
 
