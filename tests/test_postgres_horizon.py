@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ import asyncpg
 import pytest
 
 import flowstate as fs
+from flowstate.drivers import postgres
 from flowstate.drivers.postgres import PostgresDriver
 from tests import pgutil
 
@@ -453,3 +455,41 @@ async def test_delayed_states_follow_in_flight_delays_not_foreign_transactions(
                     await task
             await stalled.close()
             await other.close()
+
+
+# item 6: what an operator sees when a flowstate commit is stuck
+
+
+async def test_a_stuck_commit_is_logged_and_reported_with_its_rev(
+    dsn: str,
+    schema: str,
+    store: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the threshold (0 here: the test asserts no time), a reader held at the same
+    in-flight rev logs one warning naming it and who holds it, and ``readers_held`` (shown by
+    /health and the UI) reports it; once the commit ends, nothing is reported."""
+    monkeypatch.setattr(postgres, "STUCK_WARN_AFTER", 0.0)
+    holder = await raw(schema)
+    reader = PostgresDriver(dsn, max_size=2)
+    await reader.open()
+    try:
+        assert await reader.readers_held() is None
+        held = await hold_commit(holder, "stuck", k="v")
+        q = fs.get_states({"k": "v"})
+        with caplog.at_level(logging.WARNING, logger="flowstate.drivers.postgres"):
+            for _ in range(3):
+                await reader.get_states(q)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert f"held at rev {held}" in warnings[0]
+        assert f"server pid {holder.get_server_pid()}" in warnings[0]
+        report = await reader.readers_held()
+        assert report is not None
+        assert report["rev"] == held and report["pid"] == holder.get_server_pid()
+        await holder.execute("ROLLBACK")
+        assert await reader.readers_held() is None
+    finally:
+        holder.terminate()
+        await reader.close()

@@ -446,6 +446,11 @@ class Driver(abc.ABC):
         """The highest committed rev visible to readers."""
         return self.notifier.head
 
+    async def readers_held(self) -> dict[str, object] | None:
+        """What holds readers back, when a store can say (a commit in flight for a while
+        below which nothing newer is shown), for /health and the UI; None when nothing does."""
+        return None
+
     async def wait_for_commit(self, version: int, timeout: float) -> None:
         """Return soon after a commit following notifier ``version`` (or after ``timeout``);
         with a ``poll_interval``, also after a commit made elsewhere."""

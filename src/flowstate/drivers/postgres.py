@@ -761,6 +761,24 @@ class PostgresDriver(Driver):
 
         return await self._read(run)
 
+    async def readers_held(self) -> dict[str, object] | None:
+        """The lowest rev of this store in flight for STUCK_WARN_AFTER seconds or more, if
+        any: readers show nothing from it on until PostgreSQL ends its transaction."""
+
+        async def run(conn: asyncpg.Connection) -> dict[str, object] | None:
+            row = await conn.fetchrow(_IN_FLIGHT_SQL)
+            if row is None or (row["age"] or 0.0) < STUCK_WARN_AFTER:
+                return None
+            return {
+                "rev": int(row["first_value"]),
+                "in_flight_s": round(float(row["age"]), 1),
+                "pid": row["pid"],
+                "application": row["application_name"],
+                "state": row["state"],
+            }
+
+        return await self._read(run)
+
 
 async def _transaction(
     conn: asyncpg.Connection, phase: _Phase, fn: Callable[[asyncpg.Connection], Awaitable[T]]

@@ -241,6 +241,12 @@ def create_app(
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
         body: dict[str, object] = {"status": "ok", "head_rev": head}
+        # a commit of this store stuck in flight: readers show nothing past it (status stays
+        # ok: the store serves, but an operator should see why the head does not move)
+        with contextlib.suppress(Exception):
+            held = await asyncio.wait_for(store.readers_held(), 5.0)
+            if held is not None:
+                body["readers_held"] = held
         # States waiting for a flow no process hosts are not a fault of this server (status
         # stays ok), but an operator should learn of them: they wait until a host appears.
         unhosted = unhosted_flows(runtime._engine)  # never start an engine just for this

@@ -12,6 +12,7 @@ class App {
     this.liveEl = document.getElementById("live");
     this.storeEl = document.getElementById("store");
     this.unhostedEl = document.getElementById("unhosted");
+    this.heldEl = document.getElementById("held");
     this.infoTimer = null;
     this.dialog = document.getElementById("token-dialog");
     this.statesRoute = "#/states";
@@ -38,6 +39,7 @@ class App {
       fill(this.storeEl, `${info.store}`, info.recoverer ? " · recoverer" : "", info.delayer ? " · delayer" : "");
       this.setHead(info.head_rev);
       this.showUnhosted(info.unhosted);
+      this.showHeld(info.readers_held);
       document.getElementById("forget-token").hidden = !token();
     } catch (err) {
       if (err.status !== 401) fill(this.main, h("p", { class: "error" }, `Cannot reach the server: ${err.message}`));
@@ -52,6 +54,7 @@ class App {
     try {
       const info = await get("info");
       this.showUnhosted(info.unhosted);
+      this.showHeld(info.readers_held);
     } catch {
       // a failed look leaves the last report; the views show their own errors
     }
@@ -63,6 +66,16 @@ class App {
     this.unhostedEl.hidden = flows.length === 0;
     fill(this.unhostedEl, flows.map(([flow, n]) =>
       h("p", {}, "no process hosts flow ", h("code", {}, flow), ` (${n} ${n === 1 ? "state" : "states"} waiting)`)));
+  }
+
+  /** A banner while a commit of the store is stuck in flight: nothing past its rev shows. */
+  showHeld(held) {
+    this.heldEl.hidden = !held;
+    if (!held) return;
+    fill(this.heldEl, h("p", {},
+      `readers are held at rev ${held.rev}: its commit has been in flight for ${Math.round(held.in_flight_s)} s `,
+      `(server pid ${held.pid}, ${held.application || "unknown application"}, ${held.state || "unknown state"}); `,
+      "newer states show once PostgreSQL ends that transaction"));
   }
 
   askToken() {

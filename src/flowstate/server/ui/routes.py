@@ -112,6 +112,7 @@ class UI:
                 "flows": engine.registry.ids(),
                 "statuses": list(query.STATUSES),
                 "unhosted": unhosted_flows(engine),
+                "readers_held": await engine.driver.readers_held(),
             }
 
         return await self._answer(run)
