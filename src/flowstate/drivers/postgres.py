@@ -698,13 +698,16 @@ class PostgresDriver(Driver):
         row = await conn.fetchrow(_IN_FLIGHT_SQL)
         if row is None or int(row["first_value"]) != bound:
             return  # it ended meanwhile
+        # the transaction's start is visible only to its own role or pg_read_all_stats: else
+        # how long this driver has seen it is the age (a lower bound)
+        age = row["age"] if row["age"] is not None else now - since
         log.warning(
             "flowstate readers of schema %s are held at rev %d: its commit has been in flight "
             "for %.0f s (server pid %s, application %r, %s); rows from rev %d on stay hidden "
             "until PostgreSQL ends that transaction",
             self.schema,
             bound,
-            row["age"] or 0.0,
+            age,
             row["pid"],
             row["application_name"],
             row["state"],
