@@ -300,6 +300,8 @@ class PostgresDriver(Driver):
         #: the lowest in-flight rev readers last found below the allocated head, when first
         #: found, and whether it was reported (see _note_bound)
         self._held: tuple[int, float, bool] | None = None
+        #: the highest own rev a read waited for in vain (see _bound)
+        self._waited_in_vain = 0
         self._published = 0  # the highest rev announced to other processes
         self._publisher: asyncio.Task[None] | None = None
 
@@ -675,9 +677,14 @@ class PostgresDriver(Driver):
         Read your own writes: while a lower rev is still in flight (another flowstate commit
         of this store, normally for milliseconds), the server waits on its in-flight mark, up to
         CATCH_UP_LIMIT, for the horizon to pass ``own``, this driver's latest commit; after
-        that, what is safe is shown. Transactions of other applications never count."""
-        wait_ms = int(CATCH_UP_LIMIT * 1000) if own else 0
+        that, what is safe is shown, and later reads do not wait for the same ``own`` again.
+        Transactions of other applications never count."""
+        # wait at most once per own rev: behind a stuck commit, reads that each held a pooled
+        # connection for CATCH_UP_LIMIT would starve this process's commits of connections
+        wait_ms = int(CATCH_UP_LIMIT * 1000) if own > self._waited_in_vain else 0
         bound, allocated = await conn.fetchrow(_BOUND_SQL, own, wait_ms)
+        if bound <= own:
+            self._waited_in_vain = max(self._waited_in_vain, own)
         await self._note_bound(conn, int(bound), int(allocated))
         return int(bound)
 
