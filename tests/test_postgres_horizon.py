@@ -493,3 +493,22 @@ async def test_a_stuck_commit_is_logged_and_reported_with_its_rev(
     finally:
         holder.terminate()
         await reader.close()
+
+
+async def test_revs_and_offsets_beyond_48_bits_are_refused(schema: str, store: None) -> None:
+    """The in-flight marks encode 48 bits of a rev or offset: an allocation past 2^48 fails
+    (and leaves no lock held) instead of marking another value."""
+    conn = await raw(schema)
+    try:
+        for seq, alloc in (("flowstate_rev_seq", "revs"), ("flowstate_offset_seq", "offsets")):
+            await conn.execute(f"SELECT setval('{seq}', {2**48 - 2})")
+            assert await conn.fetchval(f"SELECT flowstate_alloc_{alloc}(1)") == 2**48 - 1
+            with pytest.raises(asyncpg.RaiseError, match="exhausted"):
+                await conn.fetchval(f"SELECT flowstate_alloc_{alloc}(1)")
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            conn.get_server_pid(),
+        )
+        assert held == 0
+    finally:
+        await conn.close()

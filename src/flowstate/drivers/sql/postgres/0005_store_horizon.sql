@@ -65,6 +65,10 @@ BEGIN
     PERFORM pg_current_xact_id();  -- inside the lock: earlier releases read by xid
     SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
     INTO first_rev FROM flowstate_rev_seq;
+    IF first_rev + n > 281474976710656 THEN  -- 2^48: the marks encode 48 bits
+        PERFORM pg_advisory_unlock(%1$s);
+        RAISE EXCEPTION 'flowstate revs are exhausted (2^48)';
+    END IF;
     -- marked in flight before the sequence moves: a reader that sees the new head finds the mark
     PERFORM pg_advisory_xact_lock(
         ((%2$s::bigint << 16) | (first_rev >> 32))::bit(32)::integer, first_rev::bit(32)::integer);
@@ -163,6 +167,10 @@ BEGIN
     PERFORM pg_advisory_lock(%3$s);
     SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
     INTO first_offset FROM flowstate_offset_seq;
+    IF first_offset + n > 281474976710656 THEN  -- 2^48: the marks encode 48 bits
+        PERFORM pg_advisory_unlock(%3$s);
+        RAISE EXCEPTION 'flowstate delayed offsets are exhausted (2^48)';
+    END IF;
     PERFORM pg_advisory_xact_lock(
         ((%4$s::bigint << 16) | (first_offset >> 32))::bit(32)::integer,
         first_offset::bit(32)::integer);
