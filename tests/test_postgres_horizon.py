@@ -23,6 +23,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -488,11 +489,32 @@ async def test_a_stuck_commit_is_logged_and_reported_with_its_rev(
         report = await reader.readers_held()
         assert report is not None
         assert report["rev"] == held and report["pid"] == holder.get_server_pid()
+        # what the server shows: /health and the UI's info carry the same report
+        health, info = await _served(reader)
+        assert health["status"] == "ok" and health["readers_held"]["rev"] == held
+        assert info["readers_held"]["rev"] == held
         await holder.execute("ROLLBACK")
         assert await reader.readers_held() is None
+        health, info = await _served(reader)
+        assert "readers_held" not in health and info["readers_held"] is None
     finally:
         holder.terminate()
         await reader.close()
+
+
+async def _served(driver: PostgresDriver) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The /health answer and the UI's info of a server over ``driver``."""
+    import httpx
+
+    from flowstate.server import create_app
+
+    async with fs.Engine(driver, recovery=False, delayer=False) as engine:
+        app = create_app(driver, engine=engine)
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            health = (await http.get("/health")).json()
+            info = (await http.get("/ui/api/info")).json()
+    return health, info
 
 
 async def test_revs_and_offsets_beyond_48_bits_are_refused(schema: str, store: None) -> None:
