@@ -21,7 +21,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.data import CHECKSUM
-from tests.conftest import DriverFactory
+from tests.conftest import DRIVERS, DriverFactory
 
 TIMEOUT = 20.0
 
@@ -170,6 +170,10 @@ class PostgresBlocker(Blocker):
 
 _BACKING: dict[int, fs.Driver] = {}
 
+#: The drivers whose commit can be caught inside the store by another connection's lock.
+BLOCKABLE = [n for n in ("sqlite", "postgres", "net-over-sqlite") if n in DRIVERS]
+blockable_drivers = pytest.mark.parametrize("driver_name", BLOCKABLE, indirect=True)
+
 
 @pytest.fixture
 async def blockable(
@@ -183,10 +187,9 @@ async def blockable(
 
         backing = fs.SqliteDriver(tmp_path / "served.db")
         driver: fs.Driver = netserver.net_driver(backing)
-    elif driver_name in ("sqlite", "postgres"):
-        driver = backing = driver_factory()
     else:
-        pytest.skip("the commit of this driver cannot be caught inside the store")
+        assert driver_name in ("sqlite", "postgres"), "see BLOCKABLE"
+        driver = backing = driver_factory()
     async with fs.Engine(driver, recovery=False, delayer=False) as engine:
         _BACKING[id(engine)] = backing
         try:
@@ -258,6 +261,7 @@ async def _assert_truthful(engine: fs.Engine, ctx: fs.StateCtx, before: int) -> 
     return True
 
 
+@blockable_drivers
 async def test_cancelled_commit_tells_the_truth(blockable: fs.Engine) -> None:
     engine = blockable
     ctx = fs.StateCtx(current=fs.State("c1"))
@@ -278,6 +282,7 @@ async def test_cancelled_commit_tells_the_truth(blockable: fs.Engine) -> None:
     assert ctx.committed.rev == await _landed(engine, "c1")
 
 
+@blockable_drivers
 async def test_commit_under_wait_for_times_out_truthfully(blockable: fs.Engine) -> None:
     engine = blockable
     ctx = fs.StateCtx(current=fs.State("c2"))
@@ -293,6 +298,7 @@ async def test_commit_under_wait_for_times_out_truthfully(blockable: fs.Engine) 
     await _assert_truthful(engine, ctx, first)
 
 
+@blockable_drivers
 async def test_do_sync_timeout_leaves_a_truthful_ctx(
     blockable: fs.Engine, settling: threading.Event
 ) -> None:
@@ -354,11 +360,14 @@ class _FailingMeta:
         await self.original(cmd)
 
 
+@pytest.mark.parametrize(
+    "driver_name",
+    [n for n in DRIVERS if not n.startswith("net-over-")],  # injected into a local driver
+    indirect=True,
+)
 async def test_failed_start_stops_what_it_started(
     store: Callable[[], fs.Driver], driver_name: str
 ) -> None:
-    if driver_name.startswith("net-over-"):
-        pytest.skip("the failure is injected into a local driver")
     driver = store()
     engine = fs.Engine(driver, flows(), recovery=True, delayer=True)
     driver.commit = _FailingMeta(driver, "flowstate.delayer.meta")  # type: ignore[method-assign]
@@ -406,10 +415,13 @@ async def test_roles_on_request_without_flows(tmp_path: Path) -> None:
         assert not await _exists(asked, "flowstate.delayer.meta")
 
 
+@pytest.mark.parametrize(
+    "driver_name",
+    [n for n in BLOCKABLE if n.endswith("sqlite")],  # a data insert waits on SQLite's lock only
+    indirect=True,
+)
 async def test_cancelled_store_data_tells_the_truth(blockable: fs.Engine) -> None:
     engine = blockable
-    if not isinstance(_BACKING[id(engine)], fs.SqliteDriver):
-        pytest.skip("the data insert is blocked by SQLite's write lock only")
     ctx = fs.StateCtx(current=fs.State("s1"))
     data = fs.Data(b"payload")
     ctx.set_data("a", data)
