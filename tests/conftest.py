@@ -89,6 +89,23 @@ def _stop_net_servers() -> Iterator[None]:
         netserver.stop_all()
 
 
+@pytest.fixture
+def schema() -> str:
+    """A PostgreSQL schema no other test uses (the driver creates it on open; dropped at the
+    end of the session). Tests using it call ``pgutil.require()`` first."""
+    from tests import pgutil
+
+    return pgutil.new_schema()
+
+
+@pytest.fixture
+def dsn(schema: str) -> str:
+    """The DSN of the store in :func:`schema`."""
+    from tests import pgutil
+
+    return pgutil.dsn_for(schema)
+
+
 @pytest.fixture(params=list(DRIVERS))
 def driver_name(request: pytest.FixtureRequest) -> str:
     """The name of the driver this test instance runs on."""

@@ -40,16 +40,6 @@ def _needs_postgres() -> None:
 
 
 @pytest.fixture
-def schema() -> str:
-    return pgutil.new_schema()
-
-
-@pytest.fixture
-def dsn(schema: str) -> str:
-    return pgutil.dsn_for(schema)
-
-
-@pytest.fixture
 async def engine(dsn: str) -> AsyncIterator[fs.Engine]:
     async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as engine:
         yield engine

@@ -37,11 +37,6 @@ def _needs_postgres() -> None:
 
 
 @pytest.fixture
-def schema() -> str:
-    return pgutil.new_schema()
-
-
-@pytest.fixture
 async def driver(schema: str) -> AsyncIterator[PostgresDriver]:
     """A driver with a pool of two connections: a leaked connection shows at once."""
     d = PostgresDriver(pgutil.dsn_for(schema), min_size=1, max_size=2, poll_interval=0.05)

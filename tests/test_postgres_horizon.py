@@ -48,16 +48,6 @@ def _needs_postgres() -> None:
 
 
 @pytest.fixture
-def schema() -> str:
-    return pgutil.new_schema()
-
-
-@pytest.fixture
-def dsn(schema: str) -> str:
-    return pgutil.dsn_for(schema)
-
-
-@pytest.fixture
 async def store(dsn: str) -> AsyncIterator[None]:
     """The store's schema, migrated."""
     async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False):
