@@ -140,8 +140,14 @@ class GetStateByLabelsCmd(Command):
 
 @dataclass(slots=True)
 class GetStatesResult:
+    """A page of the log. ``scanned_rev`` (an extension; 0 = unknown) is the rev up to which
+    the query looked when ``more`` is False: no matching version with a rev at or below it
+    is missing from ``states``, so a reader may resume after it instead of after its last
+    match (how filtered iterators and watchers avoid rescanning what they already read)."""
+
     states: list[State] = field(default_factory=list)
     more: bool = False
+    scanned_rev: int = 0
 
 
 @dataclass(slots=True, eq=False)
