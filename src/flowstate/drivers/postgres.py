@@ -967,7 +967,11 @@ async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd, bound: int) -
     sql, args = states_query(cmd, bound)
     rows = await conn.fetch(sql, *args)
     states = [_row_state(r) for r in rows[: cmd.limit]]
-    return GetStatesResult(states, len(rows) > cmd.limit)
+    if len(rows) > cmd.limit:
+        return GetStatesResult(states, True)
+    # every rev below the horizon is finished: no version at or below bound - 1 can appear
+    # later, so the query looked at every rev up to there
+    return GetStatesResult(states, False, bound - 1)
 
 
 async def _insert_delayed(conn: asyncpg.Connection, delayed: DelayedState, offset: int) -> None:
