@@ -561,3 +561,67 @@ def test_first_command_field_wins() -> None:
 def test_unknown_fields_are_ignored() -> None:
     body = h("f8 07 01") + h("52 00") + h("a2 06 02 08 01")  # fields 127 and 100
     assert shape(decode_command(body)) == ("noop",)
+
+
+# --- extension: GetStatesResult.scanned_rev (field 3, JSON scannedRev) ----------------------
+
+
+def _page(scanned_rev: int) -> GetStatesCmd:
+    cmd = get_states({"a": "1"}, limit=50)
+    cmd.result = GetStatesResult([State(id="s", rev=6)], more=False, scanned_rev=scanned_rev)
+    return cmd
+
+
+@pytest.mark.parametrize("encoding", ["binary", "go", "proto3"])
+def test_scanned_rev_round_trip(encoding: str) -> None:
+    for value in (1, 123_456, (1 << 63) - 1):
+        cmd = _page(value)
+        if encoding == "binary":
+            decoded = decode_command(encode_command(cmd))
+        else:
+            body = encode_command(cmd, json=True, dialect=encoding)  # type: ignore[arg-type]
+            assert json.loads(body)["getStates"]["result"]["scannedRev"] == str(value)
+            decoded = decode_command(body, json=True)
+        assert isinstance(decoded, GetStatesCmd) and decoded.result is not None
+        assert decoded.result.scanned_rev == value
+
+
+def test_scanned_rev_on_the_wire() -> None:
+    body = encode_command(_page(300))
+    result = pb.Command.FromString(body).get_states.result
+    assert result.scanned_rev == 300
+    # field 3, varint, after `states` (and `more`): 18 ac 02
+    assert body.endswith(h("18 ac 02"))
+    decoded = decode_command(h("9a 01 07 32 05 10 01 18 ac 02"))
+    assert isinstance(decoded, GetStatesCmd) and decoded.result is not None
+    assert (decoded.result.more, decoded.result.scanned_rev) == (True, 300)
+
+
+def test_scanned_rev_absent_is_zero_and_not_written() -> None:
+    # What a Go server sends (it knows no field 3) decodes as 0 = unknown; 0 is not written,
+    # so the bytes are those Go writes.
+    cmd = _page(0)
+    body = encode_command(cmd)
+    assert pb.Command.FromString(body).get_states.result.scanned_rev == 0
+    assert body == to_pb(cmd).SerializeToString(deterministic=True)
+    decoded = decode_command(h("9a 01 02 32 00"))
+    assert isinstance(decoded, GetStatesCmd) and decoded.result is not None
+    assert decoded.result.scanned_rev == 0
+    for dialect in ("go", "proto3"):
+        text = encode_command(cmd, json=True, dialect=dialect)  # type: ignore[arg-type]
+        assert "scannedRev" not in json.loads(text)["getStates"]["result"]
+        got = decode_command(b'{"getStates":{"result":{"states":[]}}}', json=True)
+        assert isinstance(got, GetStatesCmd) and got.result is not None
+        assert got.result.scanned_rev == 0
+
+
+def test_scanned_rev_bad_input_names_the_field() -> None:
+    with pytest.raises(WireError) as err:
+        decode_command(h("9a 01 04 32 02 1a 00"))  # field 3 with the wrong wire type
+    assert err.value.field == "get_states.result.scanned_rev"
+    with pytest.raises(WireError) as err:
+        decode_command(b'{"getStates":{"result":{"scannedRev":"x"}}}', json=True)
+    assert err.value.field == "get_states.result.scanned_rev"
+    with pytest.raises(WireError) as err:
+        encode_command(_page(1 << 63))
+    assert err.value.field == "get_states.result.scanned_rev"

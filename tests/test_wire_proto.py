@@ -120,6 +120,7 @@ MESSAGES: dict[str, dict[str, tuple[int, object, str, str]]] = {
     "GetStatesResult": {
         "states": (1, REP, "states", "State"),
         "more": (2, BOOL, "more", ""),
+        "scanned_rev": (3, I64, "scannedRev", ""),  # our extension (docs/server.md)
     },
     "GetDelayedStatesCommand": {
         "since_time_sec": (1, I64, "sinceTimeSec", ""),

@@ -147,7 +147,11 @@ def commands(draw: st.DrawFn, pool: list[StateCtx], *, top: bool = True) -> Comm
     if kind == "get_states":
         result = None
         if draw(st.booleans()):
-            result = GetStatesResult(draw(st.lists(states(), max_size=3)), draw(st.booleans()))
+            result = GetStatesResult(
+                draw(st.lists(states(), max_size=3)),
+                draw(st.booleans()),
+                draw(st.just(0) | INT64),  # scanned_rev: an extension, mostly absent
+            )
         return GetStatesCmd(
             since_rev=draw(INT64),
             since_time=draw(st.none() | TIMES_MS),
@@ -302,6 +306,7 @@ def _fill(msg: pb.Command, cmd: Command, ctxs: list[StateCtx]) -> None:
             g2.result.SetInParent()
             g2.result.states.extend(pb_state(s) for s in cmd.result.states)
             g2.result.more = cmd.result.more
+            g2.result.scanned_rev = cmd.result.scanned_rev
     elif isinstance(cmd, GetDelayedStatesCmd):
         g3 = msg.get_delayed_states
         g3.SetInParent()
@@ -374,7 +379,7 @@ def shape(cmd: Command) -> Any:
                 c.labels,
                 c.latest_only,
                 c.limit,
-                None if r is None else (r.states, r.more),
+                None if r is None else (r.states, r.more, r.scanned_rev),
             )
         if isinstance(c, GetDelayedStatesCmd):
             r2 = c.result

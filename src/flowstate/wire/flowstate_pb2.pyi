@@ -298,12 +298,14 @@ class GetStatesCommand(_message.Message):
     def __init__(self, since_rev: _Optional[int] = ..., since_time_usec: _Optional[int] = ..., labels: _Optional[_Iterable[_Union[GetStatesCommand.Labels, _Mapping]]] = ..., latest_only: bool = ..., limit: _Optional[int] = ..., result: _Optional[_Union[GetStatesResult, _Mapping]] = ...) -> None: ...
 
 class GetStatesResult(_message.Message):
-    __slots__ = ("states", "more")
+    __slots__ = ("states", "more", "scanned_rev")
     STATES_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_REV_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedCompositeFieldContainer[State]
     more: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[State, _Mapping]]] = ..., more: bool = ...) -> None: ...
+    scanned_rev: int
+    def __init__(self, states: _Optional[_Iterable[_Union[State, _Mapping]]] = ..., more: bool = ..., scanned_rev: _Optional[int] = ...) -> None: ...
 
 class GetDelayedStatesCommand(_message.Message):
     __slots__ = ("since_time_sec", "until_time_sec", "offset", "limit", "result")

@@ -298,6 +298,9 @@ class _Encoder:
                 res["states"] = [self.state(s, f"{at}[{i}]") for i, s in enumerate(result.states)]
             if result.more:
                 res["more"] = True
+            if result.scanned_rev:  # an extension of flowstate.v1 (field 3); Go ignores it
+                at = f"{where}get_states.result.scanned_rev"
+                res["scannedRev"] = _i64(result.scanned_rev, at)
             obj["result"] = res
         return obj
 
@@ -699,6 +702,8 @@ def _get_states(f: Obj, where: str) -> GetStatesCmd:
             result.states = [_state(s, f"{at}.states[{i}]") for i, s in enumerate(items)]
         if "more" in r:
             result.more = _bool(r["more"], f"{at}.more")
+        if "scannedrev" in r:
+            result.scanned_rev = _int64(r["scannedrev"], f"{at}.scanned_rev")
         cmd.result = result
     return cmd
 

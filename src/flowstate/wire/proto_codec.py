@@ -228,6 +228,8 @@ def _write_get_states(out: bytearray, cmd: GetStatesCmd, refs: Refs) -> None:
             close_message(out, sub)
         if result.more:
             out += b"\x10\x01"
+        if result.scanned_rev:  # an extension of flowstate.v1; Go skips the unknown field
+            put_int64(out, 0x18, result.scanned_rev, "get_states.result.scanned_rev")
         close_message(out, start)
 
 
@@ -743,7 +745,8 @@ def _read_page(
     name: str,
     read_item: Callable[[bytes, int, int, str], _I],
 ) -> _P:
-    """A query's result page: repeated items (field 1) and ``more`` (field 2)."""
+    """A query's result page: repeated items (field 1), ``more`` (field 2) and, for
+    GetStatesResult, the ``scanned_rev`` extension (field 3)."""
     for f, wt, x, y in _fields(buf, start, stop, where):
         if f == 1:
             at = f"{where}.{name}[{len(items)}]"
@@ -752,6 +755,8 @@ def _read_page(
         elif f == 2:
             _expect(wt, VARINT, f"{where}.more")
             page.more = x != 0
+        elif f == 3 and isinstance(page, GetStatesResult):
+            page.scanned_rev = _int_field(wt, x, f"{where}.scanned_rev")
     return page
 
 
