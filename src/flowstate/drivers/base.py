@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from flowstate import perform
 from flowstate.clock import Clock, SystemClock, from_millis, to_millis
@@ -40,6 +40,9 @@ from flowstate.commands import (
 from flowstate.data import Data
 from flowstate.errors import RevMismatchError, ValidationError
 from flowstate.state import State, StateCtx
+
+if TYPE_CHECKING:
+    from flowstate.tail import Tail
 
 T = TypeVar("T")
 
@@ -378,11 +381,17 @@ class Driver(abc.ABC):
     #: task of its own and holds the caller's cancellation back (one loop iteration more).
     settles_writes: bool = False
 
+    #: True if the watchers of this process read new commits through one shared reader
+    #: (:mod:`flowstate.tail`: one unfiltered query per batch of commits for all of them)
+    #: instead of one filtered query each.
+    shares_tail: bool = True
+
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or SystemClock()
         self.notifier = Notifier()
         self._opened = 0
         self._head_poller = HeadPoller(self)
+        self._tail: Tail | None = None
 
     async def open(self) -> None:
         if self._opened == 0:
@@ -394,6 +403,8 @@ class Driver(abc.ABC):
             return
         self._opened -= 1
         if self._opened == 0:
+            if self._tail is not None:
+                await self._tail.stop()
             await self._head_poller.stop()
             await self._close()
 

@@ -93,7 +93,7 @@ class MemoryDriver(Driver):
                     more = True
                     break
                 out.append(s.copy())
-        return GetStatesResult(out, more)
+        return GetStatesResult(out, more, 0 if more else len(log))
 
     async def delay(self, delayed: DelayedState) -> int:
         return _MemoryTx(self).delay(delayed, apply=True)
