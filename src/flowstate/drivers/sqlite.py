@@ -52,6 +52,16 @@ from flowstate.state import State, Transition
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+#: The schema version this driver writes, kept in ``PRAGMA user_version``. A store written
+#: before versioning (user_version 0 with tables) is upgraded in place when it is opened; see
+#: docs/sqlite.md.
+SCHEMA_VERSION = 1
+
+# flowstate_states.committed_max is the greatest committed_at of all revs up to and including
+# this one: monotone in rev, so its index finds the first rev that can match a since_time
+# filter even when the clock went backwards. flowstate_latest names the latest rev of every id
+# (and whether it has labels); flowstate_latest_labels holds the labels of those latest
+# versions only, so a latest_only label query reads matching latest versions and nothing else.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flowstate_states (
     rev INTEGER PRIMARY KEY,
@@ -60,10 +70,24 @@ CREATE TABLE IF NOT EXISTS flowstate_states (
     annotations TEXT NOT NULL,
     labels TEXT NOT NULL,
     transition_to TEXT NOT NULL,
-    transition_annotations TEXT NOT NULL
+    transition_annotations TEXT NOT NULL,
+    committed_max INTEGER
 );
 CREATE INDEX IF NOT EXISTS flowstate_states_by_id ON flowstate_states (id, rev);
+CREATE INDEX IF NOT EXISTS flowstate_states_by_time ON flowstate_states (committed_max);
 CREATE TABLE IF NOT EXISTS flowstate_labels (
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    PRIMARY KEY (key, value, rev)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flowstate_latest (
+    id TEXT PRIMARY KEY,
+    rev INTEGER NOT NULL,
+    labelled INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flowstate_latest_by_rev ON flowstate_latest (rev);
+CREATE TABLE IF NOT EXISTS flowstate_latest_labels (
     key TEXT NOT NULL,
     value TEXT NOT NULL,
     rev INTEGER NOT NULL,
@@ -81,6 +105,58 @@ CREATE TABLE IF NOT EXISTS flowstate_delayed (
 );
 CREATE INDEX IF NOT EXISTS flowstate_delayed_by_time ON flowstate_delayed (execute_at, offset);
 """
+
+# From the unversioned schema (user_version 0) to version 1: the new column, tables and
+# indexes filled from the log. Runs in the transaction that creates them.
+_MIGRATE_1 = [
+    "ALTER TABLE flowstate_states ADD COLUMN committed_max INTEGER",
+    "UPDATE flowstate_states SET committed_max = m.hi FROM "
+    "(SELECT rev, max(committed_at) OVER (ORDER BY rev) AS hi FROM flowstate_states) m "
+    "WHERE flowstate_states.rev = m.rev",
+    "INSERT INTO flowstate_latest (id, rev, labelled) "
+    "SELECT id, max(rev), 0 FROM flowstate_states GROUP BY id",
+    "INSERT INTO flowstate_latest_labels (key, value, rev) "
+    "SELECT l.key, l.value, l.rev FROM flowstate_latest t "
+    "JOIN flowstate_labels l ON l.rev = t.rev",
+    "UPDATE flowstate_latest SET labelled = 1 "
+    "WHERE rev IN (SELECT rev FROM flowstate_latest_labels)",
+]
+
+
+def _schema_statements() -> list[str]:
+    return [st.strip() for st in SCHEMA.split(";") if st.strip()]
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Create the schema, or upgrade an older store in place (writer thread, at open)."""
+    conn.execute("BEGIN IMMEDIATE")  # one process upgrades; the others then see the version
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise FlowstateError(
+                f"{SCHEMA_VERSION} is the newest store schema this flowstate knows, "
+                f"the file has {version}: use a newer flowstate"
+            )
+        if version < SCHEMA_VERSION:
+            old = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'flowstate_states'"
+            ).fetchone()
+            statements = _schema_statements()
+            if old is not None:  # unversioned: the tables exist without what version 1 adds
+                for st in statements:
+                    if "flowstate_states_by_time" not in st:
+                        conn.execute(st)
+                for st in _MIGRATE_1:
+                    conn.execute(st)
+                log.info("upgraded the SQLite store schema to version %d", SCHEMA_VERSION)
+            for st in statements:
+                conn.execute(st)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
 
 _STATE_COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
 _BATCH_MAX = 256
@@ -238,8 +314,7 @@ class SqliteDriver(Driver):
         try:
             conn = self._connect()
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executescript(SCHEMA)  # commits the BEGIN
+            _upgrade(conn)
         except BaseException as exc:
             loop.call_soon_threadsafe(_resolve_error, ready, exc)
             return
@@ -622,8 +697,8 @@ def _max_rev(conn: sqlite3.Connection) -> int:
 
 def _get_state(conn: sqlite3.Connection, state_id: str, rev: int) -> State:
     if rev == 0:
-        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE id = ? "
-        sql += "ORDER BY rev DESC LIMIT 1"
+        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states "
+        sql += "WHERE rev = (SELECT rev FROM flowstate_latest WHERE id = ?)"
         row = conn.execute(sql, (state_id,)).fetchone()
     else:
         sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE rev = ? AND id = ?"
@@ -634,61 +709,163 @@ def _get_state(conn: sqlite3.Connection, state_id: str, rev: int) -> State:
 
 
 def _get_state_by_labels(conn: sqlite3.Connection, labels: Mapping[str, str]) -> State:
-    where, args = _label_filter([dict(labels)] if labels else [])
-    sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states s WHERE {where} ORDER BY rev DESC LIMIT 1"
-    row = conn.execute(sql, args).fetchone()
-    if row is None:
+    sets = [dict(labels)] if labels else []
+    rows = _select(conn, sets, latest=False, since_ms=None, after=0, limit=1, desc=True)
+    if not rows:
         raise NotFoundError(f"labels={dict(labels)}")
-    return _row_state(row)
+    return _row_state(rows[0])
 
 
-def _label_filter(sets: list[dict[str, str]]) -> tuple[str, list[Any]]:
-    """SQL condition on ``s.rev``: the labels contain every pair of at least one set."""
-    if not sets or any(not s for s in sets):
-        return "1", []
-    ors: list[str] = []
-    args: list[Any] = []
-    for labels in sets:
-        ands = []
-        for key, value in labels.items():
-            ands.append(
-                "EXISTS (SELECT 1 FROM flowstate_labels l WHERE l.key = ? AND l.value = ? "
-                "AND l.rev = s.rev)"
+#: How many index entries of each label pair of a set are counted, in rounds, to pick the
+#: pair with the fewest to drive the index range (the next round only if every pair has more).
+_PROBES = (64, 1024, 16384)
+
+
+def _by_selectivity(
+    conn: sqlite3.Connection, table: str, labels: dict[str, str], after: int
+) -> list[tuple[str, str]]:
+    """The pairs of one label set, the one with the fewest entries (up to _PROBE) first: it
+    drives the index range, the others are probed per candidate."""
+    pairs = list(labels.items())
+    if len(pairs) < 2:
+        return pairs
+    sql = (
+        f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE key = ? AND value = ? AND rev > ? "
+        "LIMIT ?)"
+    )
+    for cap in _PROBES:  # counts below the cap are exact: stop once the smallest is
+        counts = [conn.execute(sql, (k, v, after, cap)).fetchone()[0] for k, v in pairs]
+        if min(counts) < cap:
+            break
+    order = sorted(range(len(pairs)), key=lambda i: counts[i])
+    return [pairs[i] for i in order]
+
+
+def _arm(
+    table: str,
+    pairs: list[tuple[str, str]],
+    since_ms: int | None,
+    after: int,
+    limit: int,
+    desc: bool,
+) -> tuple[str, list[Any]]:
+    """SQL for the revs after ``after`` (at most ``limit``, in rev order) that ``table`` holds
+    with every pair of ``pairs`` (``table``: a label table, or flowstate_latest without
+    pairs) and that pass the time filter. One index range on ``table``, in rev order; the other
+    pairs and the time are checked per candidate by primary key."""
+    sql = f"SELECT l.rev FROM {table} l"
+    if since_ms is not None:
+        sql += " CROSS JOIN flowstate_states s"
+    where: list[str] = ["l.rev > ?"]
+    args: list[Any] = [after]
+    if pairs:
+        (key, value), rest = pairs[0], pairs[1:]
+        where[:0] = ["l.key = ?", "l.value = ?"]
+        args[:0] = [key, value]
+        for key, value in rest:
+            where.append(
+                f"EXISTS (SELECT 1 FROM {table} m WHERE m.key = ? AND m.value = ? "
+                "AND m.rev = l.rev)"
             )
-            args += (key, value)
-        ors.append("(" + " AND ".join(ands) + ")")
-    return "(" + " OR ".join(ors) + ")", args
+            args += [key, value]
+    if since_ms is not None:
+        where += ["s.rev = l.rev", "s.committed_at >= ?"]
+        args.append(since_ms)
+    sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY l.rev{' DESC' if desc else ''} LIMIT ?"
+    args.append(limit)
+    return sql, args
+
+
+def _select(
+    conn: sqlite3.Connection,
+    sets: list[dict[str, str]],
+    *,
+    latest: bool,
+    since_ms: int | None,
+    after: int,
+    limit: int,
+    desc: bool = False,
+) -> list[tuple[Any, ...]]:
+    """The rows of the matching versions with a rev after ``after``, at most ``limit``, in rev
+    order (descending with ``desc``). ``sets``: the OR-list of label sets, none empty (no
+    set: any labels). Every filter is served by an index range read in rev order, so the
+    work is the rows returned plus the candidates the other filters reject (see
+    docs/sqlite.md)."""
+    order = " DESC" if desc else ""
+    if not sets and not latest:
+        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE rev > ?"
+        args: list[Any] = [after]
+        if since_ms is not None:
+            sql += " AND committed_at >= ?"
+            args.append(since_ms)
+        sql += f" ORDER BY rev{order} LIMIT ?"
+        return conn.execute(sql, [*args, limit]).fetchall()
+    table = "flowstate_latest_labels" if latest else "flowstate_labels"
+    arms: list[str] = []
+    args = []
+    if not sets:
+        arm, arm_args = _arm("flowstate_latest", [], since_ms, after, limit, desc)
+        arms.append(arm)
+        args += arm_args
+    for labels in sets:
+        pairs = _by_selectivity(conn, table, labels, after)
+        arm, arm_args = _arm(table, pairs, since_ms, after, limit, desc)
+        arms.append(arm)
+        args += arm_args
+    inner = " UNION ".join(f"SELECT rev FROM ({arm})" for arm in arms)
+    sql = (
+        f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE rev IN ({inner}) "
+        f"ORDER BY rev{order} LIMIT ?"
+    )
+    return conn.execute(sql, [*args, limit]).fetchall()
+
+
+def _time_floor(conn: sqlite3.Connection, since_ms: int) -> int | None:
+    """A rev below every version committed at or after ``since_ms`` (None: there is none).
+    committed_max is monotone in rev, so the first index entry at or above the time is the
+    first rev that can match, even if the clock went backwards at some commit."""
+    row = conn.execute(
+        "SELECT rev FROM flowstate_states WHERE committed_max >= ? "
+        "ORDER BY committed_max, rev LIMIT 1",
+        (since_ms,),
+    ).fetchone()
+    return None if row is None else int(row[0]) - 1
 
 
 def _get_states(conn: sqlite3.Connection, cmd: GetStatesCmd) -> GetStatesResult:
-    labels_sql, label_args = _label_filter(cmd.labels)
-    where = [labels_sql]
-    args: list[Any] = list(label_args)
-    if cmd.since_time is not None:
-        where.append("s.committed_at >= ?")
-        args.append(to_millis(cmd.since_time))
-    conn.execute("BEGIN")  # one snapshot for the anchor and the page
+    sets = [] if any(not s for s in cmd.labels) else cmd.labels  # an empty set matches all
+    since_ms = to_millis(cmd.since_time) if cmd.since_time is not None else None
+    conn.execute("BEGIN")  # one snapshot for the head, the anchor and the page
     try:
+        head = _max_rev(conn)
+        floor = 0
+        if since_ms is not None:
+            time_floor = _time_floor(conn, since_ms)
+            if time_floor is None:
+                return GetStatesResult([], False, head)
+            floor = time_floor
         since = cmd.since_rev
         if since < 0:
-            sql = f"SELECT max(s.rev) FROM flowstate_states s WHERE {' AND '.join(where)}"
-            anchor = conn.execute(sql, args).fetchone()[0]
-            if anchor is None:
-                return GetStatesResult([], False)
-            since = anchor - 1
-        where.append("s.rev > ?")
-        args.append(since)
-        if cmd.latest_only:
-            where.append("s.rev = (SELECT max(x.rev) FROM flowstate_states x WHERE x.id = s.id)")
-        sql = (
-            f"SELECT {_STATE_COLUMNS} FROM flowstate_states s WHERE {' AND '.join(where)} "
-            "ORDER BY s.rev LIMIT ?"
+            anchor = _select(
+                conn, sets, latest=False, since_ms=since_ms, after=floor, limit=1, desc=True
+            )
+            if not anchor:
+                return GetStatesResult([], False, head)
+            since = anchor[0][0] - 1
+        rows = _select(
+            conn,
+            sets,
+            latest=cmd.latest_only,
+            since_ms=since_ms,
+            after=max(since, floor),
+            limit=cmd.limit + 1,
         )
-        rows = conn.execute(sql, [*args, cmd.limit + 1]).fetchall()
     finally:
         conn.execute("COMMIT")
     states = [_row_state(r) for r in rows[: cmd.limit]]
-    return GetStatesResult(states, len(rows) > cmd.limit)
+    more = len(rows) > cmd.limit
+    return GetStatesResult(states, more, 0 if more else head)
 
 
 def _insert_delayed(conn: sqlite3.Connection, delayed: DelayedState) -> int:
@@ -706,6 +883,19 @@ def _insert_data(conn: sqlite3.Connection, annotations: str, blob: bytes) -> int
     return int(cur.lastrowid or 0)
 
 
+_SELECT_LATEST = "SELECT rev, labelled FROM flowstate_latest WHERE id = ?"
+# committed_max: the greatest committed_at up to this rev (see SCHEMA)
+_INSERT_STATE = (
+    "INSERT INTO flowstate_states (id, committed_at, annotations, labels, transition_to, "
+    "transition_annotations, committed_max) VALUES (?, ?, ?, ?, ?, ?, max(?, ifnull("
+    "(SELECT committed_max FROM flowstate_states ORDER BY rev DESC LIMIT 1), 0)))"
+)
+_UPSERT_LATEST = (
+    "INSERT INTO flowstate_latest (id, rev, labelled) VALUES (?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, labelled = excluded.labelled"
+)
+
+
 class _SqliteTx:
     """The CommitTx of one commit, inside the writer's open transaction."""
 
@@ -716,29 +906,39 @@ class _SqliteTx:
 
     def commit_state(self, state: State, expected_rev: int) -> bool:
         conn = self.conn
-        row = conn.execute(
-            "SELECT max(rev) FROM flowstate_states WHERE id = ?", (state.id,)
-        ).fetchone()
-        if (row[0] or 0) != expected_rev:
+        latest = conn.execute(_SELECT_LATEST, (state.id,)).fetchone()
+        if (latest[0] if latest else 0) != expected_rev:
             return False
         assert state.committed_at is not None
+        at = to_millis(state.committed_at)
+        labels = state.labels
         cur = conn.execute(
-            "INSERT INTO flowstate_states (id, committed_at, annotations, labels, transition_to, "
-            "transition_annotations) VALUES (?, ?, ?, ?, ?, ?)",
+            _INSERT_STATE,
             (
                 state.id,
-                to_millis(state.committed_at),
+                at,
                 dumps_map(state.annotations),
-                dumps_map(state.labels),
+                dumps_map(labels),
                 state.transition.to,
                 dumps_map(state.transition.annotations),
+                at,
             ),
         )
         state.rev = rev = int(cur.lastrowid or 0)
-        if state.labels:
+        conn.execute(_UPSERT_LATEST, (state.id, rev, 1 if labels else 0))
+        if latest is not None and latest[1]:  # the old latest version's labels leave the index
+            old = conn.execute("SELECT labels FROM flowstate_states WHERE rev = ?", (latest[0],))
             conn.executemany(
-                "INSERT INTO flowstate_labels (key, value, rev) VALUES (?, ?, ?)",
-                [(k, v, rev) for k, v in state.labels.items()],
+                "DELETE FROM flowstate_latest_labels WHERE key = ? AND value = ? AND rev = ?",
+                [(k, v, latest[0]) for k, v in loads_map(old.fetchone()[0]).items()],
+            )
+        if labels:
+            pairs = [(k, v, rev) for k, v in labels.items()]
+            conn.executemany(
+                "INSERT INTO flowstate_labels (key, value, rev) VALUES (?, ?, ?)", pairs
+            )
+            conn.executemany(
+                "INSERT INTO flowstate_latest_labels (key, value, rev) VALUES (?, ?, ?)", pairs
             )
         return True
 
