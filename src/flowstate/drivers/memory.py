@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import heapq
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 
 from flowstate.clock import Clock, to_millis, to_seconds
@@ -31,6 +33,9 @@ class MemoryDriver(Driver):
         super().__init__(clock)
         self._log: list[State] = []  # _log[i].rev == i + 1
         self._latest: dict[str, State] = {}
+        # label index: (key, value) -> revs of the versions carrying it, ascending, so label
+        # queries read only candidate versions instead of the whole log
+        self._by_pair: dict[tuple[str, str], list[int]] = {}
         self._datas: list[tuple[dict[str, str], bytes]] = []  # _datas[i] has rev i + 1
         self._delayed: list[DelayedState] = []  # by offset; _delayed[i].offset == i + 1
         # execute_at index: hour (Unix seconds // 3600) -> offsets due in it, ascending, so a
@@ -65,10 +70,36 @@ class MemoryDriver(Driver):
 
     def _get_state_by_labels(self, labels: Mapping[str, str]) -> State:
         sets = [dict(labels)] if labels else []
-        for state in reversed(self._log):
+        for state in self._newest_first(sets):
             if label_match(state.labels, sets):
                 return state
         raise NotFoundError(f"labels={dict(labels)}")
+
+    def _candidates(self, want: Mapping[str, str]) -> list[int]:
+        """Revs that may match label set ``want`` (non-empty): its rarest pair's."""
+        by_pair = self._by_pair
+        return min((by_pair.get(p, _NONE) for p in want.items()), key=len)
+
+    def _newest_first(self, sets: list[dict[str, str]]) -> Iterable[State]:
+        """Versions that may match ``sets``, highest rev first."""
+        log = self._log
+        if not sets or not all(sets):
+            return reversed(log)
+        lists = [self._candidates(want) for want in sets]
+        if len(lists) == 1:
+            return (log[r - 1] for r in reversed(lists[0]))
+        merged = heapq.merge(*(reversed(c) for c in lists), reverse=True)
+        return (log[r - 1] for r in _unique(merged))
+
+    def _oldest_first(self, sets: list[dict[str, str]], after: int) -> Iterable[State]:
+        """Versions with rev > ``after`` that may match ``sets``, lowest rev first."""
+        log = self._log
+        if not sets or not all(sets):
+            return (log[i] for i in range(after, len(log)))
+        lists = [self._candidates(want) for want in sets]
+        tails = [c[bisect_right(c, after) :] for c in lists]
+        merged = tails[0] if len(tails) == 1 else _unique(heapq.merge(*tails))
+        return (log[r - 1] for r in merged)
 
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
         log, sets = self._log, cmd.labels
@@ -81,13 +112,12 @@ class MemoryDriver(Driver):
 
         start = cmd.since_rev
         if start < 0:
-            anchor = next((s for s in reversed(log) if visible(s)), None)
+            anchor = next((s for s in self._newest_first(sets) if visible(s)), None)
             start = anchor.rev - 1 if anchor is not None else len(log)
         out: list[State] = []
         more = False
         latest_only, latest = cmd.latest_only, self._latest
-        for i in range(start, len(log)):
-            s = log[i]
+        for s in self._oldest_first(sets, start):
             if visible(s) and (not latest_only or latest[s.id] is s):
                 if len(out) == cmd.limit:
                     more = True
@@ -201,9 +231,16 @@ class _MemoryTx:
 
     def apply(self) -> None:
         d = self.d
+        by_pair = d._by_pair
         for s in self.states:
             d._log.append(s)
             d._latest[s.id] = s
+            for pair in s.labels.items():
+                revs = by_pair.get(pair)
+                if revs is None:
+                    by_pair[pair] = [s.rev]
+                else:
+                    revs.append(s.rev)
         d._datas.extend(self.datas)
         d._delayed.extend(self.delayed)
         for delayed in self.delayed:
@@ -212,3 +249,13 @@ class _MemoryTx:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NONE: list[int] = []
+
+
+def _unique(revs: Iterable[int]) -> Iterator[int]:
+    """``revs`` (sorted) without repeats: a version may match several label sets."""
+    last = None
+    for rev in revs:
+        if rev != last:
+            yield rev
+            last = rev
