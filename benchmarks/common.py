@@ -103,3 +103,51 @@ def pg_available(dsn: str = PG_DSN) -> str | None:
     except Exception as exc:
         return f"PostgreSQL not reachable at {dsn}: {exc!r}"
     return None
+
+
+async def capped_loop(
+    ops: list[Callable[[], Awaitable[Any]]],
+    duration: float,
+    warmup: float,
+    cap: int | None = None,
+) -> dict[str, float]:
+    """Like :func:`timed_loop` (every op in its own task, back to back), but the measured
+    window ends after ``duration`` seconds or ``cap`` completed ops, whichever comes first
+    (warm-up: ``warmup`` seconds or ``cap // 4`` ops). A long-lived store grows with every
+    op: the cap keeps it near its nominal size. ``per_s`` is ops / the window's real length.
+    """
+    t_start = time.perf_counter()
+    warm_end = t_start + warmup
+    warm_cap = None if cap is None else max(1, cap // 4)
+    state = {"warm": 0, "ops": 0, "t0": 0.0, "t1": 0.0, "measuring": False, "done": False}
+
+    async def loop(op: Callable[[], Awaitable[Any]]) -> None:
+        while not state["done"]:
+            await op()
+            t = time.perf_counter()
+            if not state["measuring"]:
+                state["warm"] += 1
+                if t >= warm_end or (warm_cap is not None and state["warm"] >= warm_cap):
+                    state["measuring"] = True
+                    state["t0"] = t
+                continue
+            state["ops"] += 1
+            if t - state["t0"] >= duration or (cap is not None and state["ops"] >= cap):
+                state["done"] = True
+                state["t1"] = t
+
+    await asyncio.gather(*(loop(op) for op in ops))
+    seconds = max(state["t1"] - state["t0"], 1e-9)
+    return {"ops": float(state["ops"]), "seconds": seconds, "per_s": state["ops"] / seconds}
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process or of ``pid`` (Linux)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0

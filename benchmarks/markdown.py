@@ -1,6 +1,9 @@
 """Compact Markdown tables from a results JSON (for the README and docs/performance.md).
 
-.venv/bin/python -m benchmarks.markdown docs/bench/bench.json
+.venv/bin/python -m benchmarks.markdown docs/bench/bench.json [BEFORE.json]
+
+With a second (earlier) JSON, the long-lived stores, the fan-out and the targets are shown
+before | after.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import sys
 from typing import Any
 
 from benchmarks.common import BACKENDS
-from benchmarks.run import CONCS, _fmt_ms, _fmt_n, _res
+from benchmarks.run import CONCS, _fmt_ms, _fmt_n, _res, _sub, fmt_target
 
 
 def _row(cells: list[str]) -> str:
@@ -30,8 +33,8 @@ def _cell(value: float | None, base: float | None) -> str:
     return f"{_fmt_n(value)} ({value / base:.2f}x)"
 
 
-def render(report: dict[str, Any]) -> str:
-    recs, meta, an = report["records"], report["meta"], report["analysis"]
+def render(report: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    recs, meta, an = report.get("merged", report["records"]), report["meta"], report["analysis"]
     backends = meta["backends"]
     out = [
         f"Run {meta['started']}, {meta['cpus']} CPUs, Python {meta['python']}, "
@@ -125,18 +128,99 @@ def render(report: dict[str, Any]) -> str:
             f"Watch across processes on PostgreSQL: p50 {_fmt_ms(x['p50_ms'])}, "
             f"p99 {_fmt_ms(x['p99_ms'])}.",
         ]
+    out += _issue13(report, before)
     met = [t for t in an["targets"] if t["met"] is True]
     missed = [t for t in an["targets"] if t["met"] is False]
     out += ["", f"Targets: {len(met)} met, {len(missed)} missed."]
     return "\n".join(out)
 
 
+def _ratio_cell(row: dict[str, Any] | None, *path: str, fmt: Any = _fmt_n) -> str:
+    """``value (ratio to the fresh store beside it)``."""
+    v = _sub(row, *path)
+    ref = _sub(row, "ref", *path)
+    if v is None:
+        return (row or {}).get("filtered_skipped") or "-" if path[0] == "filtered" else "-"
+    return f"{fmt(v)} ({v / ref:.2f}x)" if ref else fmt(v)
+
+
+def _issue13(report: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    recs, meta = report.get("merged", report["records"]), report["meta"]
+    brecs = before.get("merged", before["records"]) if before else []
+    out: list[str] = []
+    rows = []
+    for b in meta["backends"]:
+        ll = _res(recs, "longlived", b)
+        bl = _res(brecs, "longlived", b) if before else None
+        for key, row in (ll or {}).get("sizes", {}).items():
+            brow = _sub(bl, "sizes", key)
+            c = str(max(ll.get("concs", [1])))
+            cells = [BACKENDS[b], f"{int(key):,}"]
+            for path in (("commit", c, "per_s"), ("filtered", "per_s")):
+                if before:
+                    cells.append(_ratio_cell(brow, *path))
+                cells.append(_ratio_cell(row, *path))
+            if before:
+                cells.append(_ratio_cell(brow, "watch", "p99_ms", fmt=_fmt_ms))
+            cells.append(_ratio_cell(row, "watch", "p99_ms", fmt=_fmt_ms))
+            rows.append(cells)
+    if rows:
+        idle = meta["config"].get("ll_idle", 100)
+        out += [
+            "",
+            "Long-lived stores: commits/s at one worker (16 callers on the network driver), the "
+            f"same with {idle} idle watchers on labels that never match, watch p99; in brackets "
+            "the ratio to a fresh store measured beside it.",
+            "",
+        ]
+        heads = ["store", "revisions"]
+        for h in ("commits/s", "with idle filtered watchers", "watch p99"):
+            heads += [f"{h}, before", f"{h}, after"] if before else [h]
+        out += _table(heads, rows)
+    rows = []
+    for b in meta["backends"]:
+        f = _res(recs, "fanout", b)
+        if f:
+            f0 = _res(brecs, "fanout", b) if before else None
+            cells = [BACKENDS[b], f"{f['count']:,}"]
+            if before:
+                cells.append(_fmt_ms(f0["last_p99_ms"]) if f0 else "-")
+            cells.append(_fmt_ms(f["last_p99_ms"]))
+            rows.append(cells)
+    if rows:
+        out += ["", "Fan-out: p99 over the commits of the time until the last watcher has it.", ""]
+        out += _table(
+            ["store", "watchers"] + (["before", "after"] if before else ["p99"]),
+            rows,
+        )
+    bt = {t["target"]: t for t in before["analysis"]["targets"]} if before else {}
+    ts = [t for t in report["analysis"]["targets"] if t.get("group") == "issue 13"]
+    if ts:
+        out += ["", "Issue 13 targets (median of the repetitions, min - max).", ""]
+        rows = []
+        for t in ts:
+            b0 = bt.get(t["target"])
+            cells = [t["target"]]
+            if before:
+                cells.append(fmt_target(b0) if b0 and "median" in b0 else "-")
+            cells += [fmt_target(t), t["verdict"]]
+            rows.append(cells)
+        heads = ["target"] + (["before", "after"] if before else ["measured"]) + ["verdict"]
+        out += _table(heads, rows)
+    return out
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         print(__doc__)
         return 2
     with open(argv[1]) as f:
-        print(render(json.load(f)))
+        report = json.load(f)
+    before = None
+    if len(argv) == 3:
+        with open(argv[2]) as f:
+            before = json.load(f)
+    print(render(report, before))
     return 0
 
 

@@ -39,7 +39,10 @@ def test_benchmarks_smoke(tmp_path: Path) -> None:
         "== Idle watchers",
         "== Delayed firing",
         "== Recovery",
-        "== Targets",
+        "== Long-lived stores",
+        "== Fan-out",
+        "== Targets (issue 4",
+        "== Targets (issue 13",
     ):
         assert heading in out, out
     for backend in ("memory", "SQLite NORMAL", "SQLite FULL"):
@@ -48,7 +51,8 @@ def test_benchmarks_smoke(tmp_path: Path) -> None:
     report = json.loads(out_json.read_text())
     backends = report["meta"]["backends"]
     assert {"memory", "sqlite-normal", "sqlite-full"} <= set(backends)
-    ours = [r for r in report["records"] if r["scenario"] != "dbos"]
+    theirs = {"dbos", "sqlite_queries", "pg_queries", "server_cpu", "client_cpu", "codec"}
+    ours = [r for r in report["records"] if r["scenario"] not in theirs]
     assert ours and all("result" in r for r in ours), [r.get("error") for r in ours]
     scenarios = {(r["scenario"], r["backend"]) for r in ours}
     assert "net" in backends
@@ -58,7 +62,21 @@ def test_benchmarks_smoke(tmp_path: Path) -> None:
             # are the active ones: those two scenarios do not apply to it
             if b != "net" or scenario in ("commit", "flows"):
                 assert (scenario, b) in scenarios
+    sizes = report["meta"]["config"]["sizes"]
+    assert 0 in sizes and max(sizes) > 0
+    for b in backends:
+        assert ("fanout", b) in scenarios and ("longlived", b) in scenarios
+        ll = [r for r in ours if r["scenario"] == "longlived" and r["backend"] == b]
+        for size in sizes:
+            row = ll[0]["result"]["sizes"][str(size)]
+            assert row["revisions"] >= size, (b, size, row)
+            assert row["commit"]["1"]["ops"] > 0 and row["filtered"]["ops"] > 0
+            assert row["watch"]["received"] == row["watch"]["m"]
+            if size:  # a fresh store measured beside the long-lived one
+                assert row["ref"]["filtered"]["ops"] > 0
     for r in ours:
+        if r["scenario"] == "fanout":  # every watcher got every commit
+            assert r["result"]["complete"] == r["result"]["commits"], r["result"]
         if r["scenario"] == "delay":  # every delayed state fired, none before its time
             assert r["result"]["fired"] == r["result"]["count"] and r["result"]["early"] == 0
         if r["scenario"] == "recovery":
@@ -74,6 +92,21 @@ def test_benchmarks_smoke(tmp_path: Path) -> None:
 
     tables = markdown.render(report)
     assert "| store | conc 1 | conc 4 | conc 16 |" in tables
+    targets = report["analysis"]["targets"]
+    assert all(t["verdict"] in ("met", "MISSED", "skipped", "info") for t in targets)
+    assert any("idle filtered watchers" in t["target"] for t in targets)
+
+    # a previous run's JSON printed beside the new figures
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.markdown", str(out_json), str(out_json)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| before |" in proc.stdout
 
 
 def test_profiling_tools_import() -> None:
