@@ -195,3 +195,278 @@ async def test_a_path_prefix_is_kept() -> None:
             assert ctx.committed.rev == 1
     finally:
         server.stop()
+
+
+# --- the HTTP/1.1 client, against scripted servers ------------------------------------------
+
+Handler = Any
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: Handler) -> AsyncIterator[str]:
+    """A raw TCP server running ``handler(reader, writer)`` per connection; yields its URL."""
+    tcp = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request: (head, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+def state_answer(state_id: str = "x", rev: int = 3) -> bytes:
+    from flowstate.commands import GetStateByIdCmd
+    from flowstate.wire import codec
+
+    state = fs.State(state_id, rev)
+    ctx = fs.StateCtx(current=state, committed=state.copy())
+    return codec.encode_command(GetStateByIdCmd(ctx, state_id, 0))
+
+
+async def test_h1_request_shape_and_keep_alive() -> None:
+    seen: list[bytes] = []
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head, _body = await read_request(reader)
+                seen.append(head)
+                answer = state_answer()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/proto\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+
+    async with scripted(handler) as url:
+        driver = NetDriver(url + "/prefix/", token="s3cret")
+        await driver.open()
+        try:
+            for _ in range(3):
+                assert (await driver.get_state("x", 0)).rev == 3
+        finally:
+            await driver.close()
+    assert connections == 1
+    lines = seen[0].split(b"\r\n")
+    assert lines[0] == b"POST /prefix/flowstate.v1.Driver/GetStateByID HTTP/1.1"
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:-2])}
+    assert headers[b"host"] == url.removeprefix("http://").encode()
+    assert headers[b"content-type"] == b"application/proto"
+    assert headers[b"authorization"] == b"Bearer s3cret"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "informational", "split"])
+async def test_h1_answer_framings(framing: str) -> None:
+    answer = state_answer(rev=7)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                if framing == "chunked":
+                    half = len(answer) // 2
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                        b"%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nx-trailer: 1\r\n\r\n"
+                        % (half, answer[:half], len(answer) - half, answer[half:])
+                    )
+                elif framing == "close":
+                    writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + answer)
+                    await writer.drain()
+                    writer.close()
+                    return
+                elif framing == "informational":
+                    writer.write(
+                        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(answer), answer)
+                    )
+                else:  # the answer in small pieces
+                    data = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (
+                        len(answer),
+                        answer,
+                    )
+                    for i in range(0, len(data), 5):
+                        writer.write(data[i : i + 5])
+                        await writer.drain()
+                        await asyncio.sleep(0)
+
+    async with scripted(handler) as url:
+        driver = NetDriver(url)
+        await driver.open()
+        try:
+            for _ in range(2):  # the second call reuses or replaces the connection
+                assert (await driver.get_state("x", 0)).rev == 7
+        finally:
+            await driver.close()
+
+
+async def test_h1_idle_connection_closed_by_the_server_is_not_reused() -> None:
+    """A keep-alive connection the server closed while idle: the next commit opens a new one
+    instead of failing with an unknown outcome."""
+    from flowstate.commands import CommitCmd, TransitCmd
+    from flowstate.wire import codec
+
+    state = fs.State("c", 1, transition=fs.Transition("next"))
+    ctx = fs.StateCtx(current=state, committed=state.copy())
+    answer = codec.encode_command(CommitCmd([TransitCmd(ctx, "next")]))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+            writer.close()  # keep-alive promised, then closed while idle
+
+    async with scripted(handler) as url:
+        driver = NetDriver(url)
+        await driver.open()
+        try:
+            for _ in range(3):
+                mine = fs.StateCtx(current=fs.State("c"))
+                await driver.commit(fs.commit(fs.transit(mine, "next")))
+                assert mine.committed.rev == 1
+                await asyncio.sleep(0.05)  # the close arrives while the connection is idle
+        finally:
+            await driver.close()
+
+
+async def test_h1_timeouts() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            await asyncio.sleep(10)
+
+    async with scripted(silent) as url:
+        driver = NetDriver(url, timeout=0.2)
+        await driver.open()
+        try:
+            with pytest.raises(fs.StoreUnavailableError, match="no answer within"):
+                await driver.get_state("x", 0)  # retried once, then unavailable
+            ctx = fs.StateCtx(current=fs.State("x"))
+            with pytest.raises(fs.CommitUnknownError, match="no answer within"):
+                await driver.commit(fs.commit(fs.park(ctx)))
+            assert ctx.committed.rev == 0
+        finally:
+            await driver.close()
+
+
+async def test_h1_malformed_answers_are_lost_connections() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            writer.write(b"SPDY/9 what\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(1)
+
+    async with scripted(garbage) as url:
+        driver = NetDriver(url)
+        await driver.open()
+        try:
+            with pytest.raises(fs.StoreUnavailableError, match=r"not an HTTP/1\.1 answer"):
+                await driver.get_state("x", 0)
+            with pytest.raises(fs.CommitUnknownError):
+                await driver.commit(fs.commit(fs.park(fs.StateCtx(current=fs.State("x")))))
+        finally:
+            await driver.close()
+
+
+async def test_h1_error_answers_are_mapped() -> None:
+    from flowstate.wire import codec
+
+    bodies = [
+        (409, "application/proto", codec.encode_error("aborted", "rev mismatch: a, b")),
+        (404, "application/json", codec.encode_error("not_found", "state not found", json=True)),
+        (502, "text/html", b"<html>bad gateway</html>"),
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            for status, ctype, body in bodies:
+                await read_request(reader)
+                writer.write(
+                    b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                    % (status, ctype.encode(), len(body), body)
+                )
+
+    async with scripted(handler) as url:
+        driver = NetDriver(url)
+        await driver.open()
+        try:
+            with pytest.raises(fs.RevMismatchError) as caught:
+                await driver.get_state("x", 0)
+            assert caught.value.ids == ["a", "b"]
+            with pytest.raises(fs.NotFoundError):
+                await driver.get_state("x", 0)
+            with pytest.raises(fs.FlowstateError, match="response status code: 502"):
+                await driver.get_state("x", 0)
+        finally:
+            await driver.close()
+
+
+async def test_h1_cancelled_call_drops_its_connection() -> None:
+    answered = asyncio.Event()
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        answer = state_answer(rev=5)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                if first:
+                    await answered.wait()  # too late: the caller was cancelled
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+
+    async with scripted(handler) as url:
+        driver = NetDriver(url)
+        await driver.open()
+        try:
+            call = asyncio.ensure_future(driver.get_state("x", 0))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            answered.set()
+            assert (await driver.get_state("x", 0)).rev == 5  # on a fresh connection
+            assert connections == 2
+        finally:
+            await driver.close()
+
+
+async def test_h1_concurrent_callers_beyond_the_pool_limit() -> None:
+    url = netserver.serve(fs.MemoryDriver()).url
+    driver = NetDriver(url)
+    async with engine_on(driver) as engine:
+        pool = driver._h1()
+        pool.limit = 3
+        ctxs = [fs.StateCtx(current=fs.State(f"p{i}")) for i in range(12)]
+        await asyncio.gather(*(engine.do(fs.commit(fs.park(c))) for c in ctxs))
+        assert all(c.committed.rev > 0 for c in ctxs)
+        assert pool.open <= 3
+
+
+async def test_http2_still_works() -> None:
+    url = netserver.serve(fs.MemoryDriver()).url
+    async with engine_on(NetDriver(url, http2=True)) as engine:
+        ctx = fs.StateCtx(current=fs.State("h2"))
+        await engine.do(fs.commit(fs.park(ctx)))
+        assert ctx.committed.rev == 1
+        with pytest.raises(fs.NotFoundError):
+            await engine.do(fs.get_state_by_id(fs.StateCtx(), "nope"))
