@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -28,6 +28,7 @@ from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
 from flowstate.server.ui import UI, is_public
 from flowstate.server.ui.routes import unhosted_flows
+from flowstate.state import StateCtx
 from flowstate.wire import codec
 
 log = logging.getLogger("flowstate.server")
@@ -52,10 +53,9 @@ class RequestError(Exception):
         self.error = WireErrorBody(code, message)
 
 
-def body_kind(request: Request) -> BodyKind:
+def content_kind(header: str | None) -> BodyKind:
     """JSON for ``application/json`` (parameters allowed), protobuf for none or a protobuf
     type; anything else is refused with 415."""
-    header = request.headers.get("content-type")
     if header is None or not header.strip():
         return "proto"
     base = header.split(";", 1)[0].strip().lower()
@@ -68,34 +68,72 @@ def body_kind(request: Request) -> BodyKind:
     )
 
 
+def body_kind(request: Request) -> BodyKind:
+    """The body kind of ``request`` (see :func:`content_kind`)."""
+    return content_kind(request.headers.get("content-type"))
+
+
 def reply_kind(request: Request) -> BodyKind:
     """How to encode an error for this request: as it came, JSON if that is unknown."""
+    return _reply_kind(request.headers.get("content-type"))
+
+
+def _reply_kind(header: str | None) -> BodyKind:
     try:
-        return body_kind(request)
+        return content_kind(header)
     except RequestError:
         return "json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; 413 as soon as it exceeds ``limit`` bytes."""
-    too_large = RequestError(
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
         413, "resource_exhausted", f"request body exceeds the limit of {limit} bytes"
     )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise RequestError(400, "invalid_argument", "client disconnected mid-body") from None
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise RequestError(415, "invalid_argument", f"unsupported content encoding {encoding!r}")
-    return bytes(body)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 as soon as it exceeds ``limit`` bytes."""
+    return await receive_body(
+        request.receive,
+        limit,
+        request.headers.get("content-length"),
+        request.headers.get("content-encoding"),
+    )
+
+
+async def receive_body(
+    receive: Receive, limit: int, length: str | None, encoding: str | None
+) -> bytes:
+    """The body of the request whose ASGI channel is ``receive``; 413 as soon as it exceeds
+    ``limit`` bytes (from ``length``, the Content-Length, or while it streams in), 415 for a
+    content ``encoding`` other than identity."""
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if message["type"] != "http.request":
+        raise RequestError(400, "invalid_argument", "client disconnected mid-body")
+    if message.get("more_body", False):
+        buffer = bytearray(body)
+        while True:
+            if len(buffer) > limit:
+                raise _too_large(limit)
+            message = await receive()
+            if message["type"] != "http.request":
+                raise RequestError(400, "invalid_argument", "client disconnected mid-body")
+            buffer += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        body = bytes(buffer)
+    if len(body) > limit:
+        raise _too_large(limit)
+    if encoding is not None:
+        encoding = encoding.strip().lower()
+        if encoding not in ("", "identity"):
+            raise RequestError(
+                415, "invalid_argument", f"unsupported content encoding {encoding!r}"
+            )
+    return body
 
 
 def error_response(status: int, err: WireErrorBody, kind: BodyKind) -> Response:
@@ -193,43 +231,31 @@ def create_app(
     runtime = _Runtime(driver, flows, engine)
     ui = UI(runtime.engine)
 
+    rpc = _Rpc(runtime, max_body)
+
     async def driver_method(request: Request) -> Response:
         method = request.path_params["method"]
-        kind = reply_kind(request)
-        try:
-            body = await read_body(request, max_body)  # first: a refusal keeps the connection
-            body_kind(request)
-            if method not in METHODS:
-                raise RequestError(404, "unimplemented", f"no method {method!r} in Driver")
-            as_json = kind == "json"
-            cmd = _decode(codec.decode_command, body, as_json)
-            await perform_method(await runtime.store(), method, cmd)
-            payload = codec.encode_command(cmd, json=as_json)
-        except RequestError as exc:
-            return _rejected(request, exc, kind)
-        except Exception as exc:
-            return _failure(exc, kind, f"Driver/{method}")
-        return Response(payload, media_type=JSON if kind == "json" else PROTO)
+        status, media, payload, close = await rpc.call(
+            method if method in METHODS else None,
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.headers.get("content-encoding"),
+            request.receive,
+            http1=request.scope.get("http_version", "1.1").startswith("1"),
+            name=method,
+        )
+        return _response(status, media, payload, close)
 
     async def flow_execute(request: Request) -> Response:
-        kind = reply_kind(request)
-        as_json = kind == "json"
-        try:
-            body = await read_body(request, max_body)
-            body_kind(request)
-            ctx = _decode(codec.decode_state_ctx, body, as_json)
-            if not ctx.current.id:
-                raise ValidationError("current.id", "state id empty")
-            if not ctx.current.transition.to:
-                raise ValidationError("current.transition.to", "flow id empty")
-            eng = await runtime.engine()
-            eng.registry.get_flow(ctx.current.transition.to)
-            await eng.do(execute(ctx))
-        except RequestError as exc:
-            return _rejected(request, exc, kind)
-        except Exception as exc:
-            return _failure(exc, kind, "Flow/Execute")
-        return Response(connect.noop_body(json_body=as_json), media_type=JSON if as_json else PROTO)
+        status, media, payload, close = await rpc.call(
+            "",
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.headers.get("content-encoding"),
+            request.receive,
+            http1=request.scope.get("http_version", "1.1").startswith("1"),
+        )
+        return _response(status, media, payload, close)
 
     async def health(request: Request) -> Response:
         try:
@@ -292,7 +318,136 @@ def create_app(
     )
     app.state.runtime = runtime
     app.state.ui = ui
-    return app
+    return LeanRoutes(app, rpc, token=token, cors=bool(cors_origins))
+
+
+_RPC_PATHS: dict[str, str] = {
+    **{connect.DRIVER_SERVICE + method: method for method in METHODS},
+    connect.FLOW_EXECUTE: "",
+}
+
+
+class LeanRoutes:
+    """The nine RPC paths straight to the services, in front of the Starlette app.
+
+    A ``POST`` to an RPC path that passes the token check (and carries no ``Origin`` when
+    CORS is on, so that no CORS header is due) is answered here, without Starlette's request,
+    routing and middleware layers: the answer is byte for byte what the full stack gives.
+    Everything else (other paths and methods, refused tokens, browsers' cross-origin calls,
+    the lifespan) goes through the Starlette app unchanged.
+    """
+
+    def __init__(self, app: Starlette, rpc: _Rpc, *, token: str | None, cors: bool) -> None:
+        self.app = app
+        self.state = app.state
+        self.rpc = rpc
+        self.expected = None if token is None else f"Bearer {token}".encode()
+        self.cors = cors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root):  # mounted below a prefix
+                path = path[len(root) :]
+            method = _RPC_PATHS.get(path)
+            if method is not None:
+                ctype = length = encoding = auth = None
+                origin = False
+                for name, value in scope["headers"]:
+                    if name == b"content-type":
+                        ctype = value.decode("latin-1")
+                    elif name == b"content-length":
+                        length = value.decode("latin-1")
+                    elif name == b"content-encoding":
+                        encoding = value.decode("latin-1")
+                    elif name == b"authorization":
+                        auth = value
+                    elif name == b"origin":
+                        origin = True
+                expected = self.expected
+                if (
+                    expected is None or (auth is not None and hmac.compare_digest(auth, expected))
+                ) and not (origin and self.cors):
+                    status, media, payload, close = await self.rpc.call(
+                        method,
+                        ctype,
+                        length,
+                        encoding,
+                        receive,
+                        http1=scope.get("http_version", "1.1").startswith("1"),
+                    )
+                    headers = [
+                        (b"content-type", media),
+                        (b"content-length", b"%d" % len(payload)),
+                    ]
+                    if close:
+                        headers.append((b"connection", b"close"))
+                    await send(
+                        {"type": "http.response.start", "status": status, "headers": headers}
+                    )
+                    await send({"type": "http.response.body", "body": payload})
+                    return
+        await self.app(scope, receive, send)
+
+
+_MEDIA = {"json": JSON.encode(), "proto": PROTO.encode()}
+
+
+class _Rpc:
+    """The Driver and Flow services on raw request parts: (status, content type, body, whether
+    the connection must close)."""
+
+    def __init__(self, runtime: _Runtime, max_body: int) -> None:
+        self.runtime = runtime
+        self.max_body = max_body
+
+    async def call(
+        self,
+        method: str | None,
+        ctype: str | None,
+        length: str | None,
+        encoding: str | None,
+        receive: Receive,
+        *,
+        http1: bool,
+        name: str = "",
+    ) -> tuple[int, bytes, bytes, bool]:
+        """``method``: a Driver method, ``""`` for Flow/Execute, None for an unknown Driver
+        method ``name``."""
+        kind = _reply_kind(ctype)
+        as_json = kind == "json"
+        where = "Flow/Execute" if method == "" else f"Driver/{method or name}"
+        try:
+            body = await receive_body(receive, self.max_body, length, encoding)
+            content_kind(ctype)
+            if method is None:
+                raise RequestError(404, "unimplemented", f"no method {name!r} in Driver")
+            if method:
+                cmd = _decode(codec.decode_command, body, as_json)
+                await perform_method(await self.runtime.store(), method, cmd)
+                payload = codec.encode_command(cmd, json=as_json)
+            else:
+                await self._execute(_decode(codec.decode_state_ctx, body, as_json))
+                payload = connect.noop_body(json_body=as_json)
+        except RequestError as exc:
+            # The rest of a body over the limit was not read: an HTTP/1.1 connection cannot
+            # carry another request.
+            close = exc.status == 413 and http1
+            return exc.status, _MEDIA[kind], _error_body(exc.error, kind), close
+        except Exception as exc:
+            err = _failure(exc, where)
+            return connect.STATUS[err.code], _MEDIA[kind], _error_body(err, kind), False
+        return 200, _MEDIA[kind], payload, False
+
+    async def _execute(self, ctx: StateCtx) -> None:
+        if not ctx.current.id:
+            raise ValidationError("current.id", "state id empty")
+        if not ctx.current.transition.to:
+            raise ValidationError("current.transition.to", "flow id empty")
+        eng = await self.runtime.engine()
+        eng.registry.get_flow(ctx.current.transition.to)
+        await eng.do(execute(ctx))
 
 
 def _decode(decode: Callable[..., T], body: bytes, as_json: bool) -> T:
@@ -306,17 +461,19 @@ def _decode(decode: Callable[..., T], body: bytes, as_json: bool) -> T:
         raise ValidationError("body", f"malformed request: {type(exc).__name__}: {exc}") from None
 
 
-def _rejected(request: Request, exc: RequestError, kind: BodyKind) -> Response:
-    response = error_response(exc.status, exc.error, kind)
-    if exc.status == 413 and request.scope.get("http_version", "1.1").startswith("1"):
-        # The rest of the body was not read: the connection cannot carry another request.
+def _error_body(err: WireErrorBody, kind: BodyKind) -> bytes:
+    return connect.encode_error(err, json_body=kind == "json")
+
+
+def _response(status: int, media: bytes, payload: bytes, close: bool) -> Response:
+    response = Response(payload, status, media_type=media.decode())
+    if close:
         response.headers["connection"] = "close"
     return response
 
 
-def _failure(exc: Exception, kind: BodyKind, where: str) -> Response:
+def _failure(exc: Exception, where: str) -> WireErrorBody:
     err = connect.error_of(exc)
-    status = connect.STATUS[err.code]
-    if status >= 500 and not isinstance(exc, FlowstateError):
+    if connect.STATUS[err.code] >= 500 and not isinstance(exc, FlowstateError):
         log.error("%s failed", where, exc_info=exc)
-    return error_response(status, err, kind)
+    return err

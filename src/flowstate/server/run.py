@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,8 +173,124 @@ def listen(host: str, port: int) -> socket.socket:
 
 def hypercorn_config(sock: socket.socket) -> Config:
     """HTTP/1.1 and cleartext HTTP/2 (upgrade and prior knowledge) on ``sock``."""
-    config = Config()
+    config = hypercorn_settings()
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    return config
+
+
+class _GoneStream:
+    """Stands for a stream hypercorn has forgotten: whatever still arrives for it is dropped."""
+
+    async def handle(self, event: object) -> None:
+        return None
+
+
+class _Streams(dict[int, Any]):
+    def __missing__(self, stream_id: int) -> _GoneStream:
+        return _GONE
+
+
+_GONE = _GoneStream()
+
+
+def _fix_hypercorn_h2() -> None:
+    """Keep an h2 connection when a stream was answered before its body was read.
+
+    hypercorn 0.18 forgets a stream once its response is sent; DATA frames (or the end of
+    the stream) the client still sends for it, the rest of a body refused with 401, 404, 405
+    or 413, then raise KeyError in ``H2Protocol._handle_events``, which ends the connection
+    and every other stream on it (issue 14, item 4). With the streams in a mapping that
+    answers a forgotten id with a stream that drops what it is handed, hypercorn's own code
+    goes on: it acknowledges the data (the client can finish sending, then reads the answer)
+    and the other streams are untouched. Idempotent.
+    """
+    from hypercorn.protocol.h2 import H2Protocol
+
+    original = H2Protocol.__init__
+    if getattr(original, "_flowstate_fix", False):
+        return
+
+    def init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        streams = getattr(self, "streams", None)
+        if type(streams) is dict:
+            self.streams = _Streams(streams)
+
+    init._flowstate_fix = True  # type: ignore[attr-defined]
+    H2Protocol.__init__ = init  # type: ignore[method-assign]
+
+
+#: The HTTP servers ``serve_app`` can run, and the one it runs unless
+#: ``FLOWSTATE_SERVER_STACK`` names another (docs/performance.md, "Server stack"):
+#: ``uvicorn`` serves HTTP/1.1 with uvicorn's httptools protocol and hands HTTP/2 connections
+#: (prior knowledge or ``Upgrade: h2c``) to hypercorn; ``hypercorn`` serves both itself.
+STACKS = ("uvicorn", "hypercorn")
+DEFAULT_STACK = "uvicorn"
+#: The event loop of ``serve`` (``uvloop`` when installed, else ``asyncio``;
+#: ``FLOWSTATE_SERVER_LOOP`` names another).
+DEFAULT_LOOP = "uvloop"
+
+
+async def serve_app(
+    app: ASGIApp,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    *,
+    ready: Callable[[], None] | None = None,
+    stack: str | None = None,
+) -> None:
+    """Serve ``app`` on the listening ``sock`` until ``stop`` is set."""
+    stack = stack or os.environ.get("FLOWSTATE_SERVER_STACK") or DEFAULT_STACK
+    if stack not in STACKS:
+        raise ValidationError("stack", f"{stack!r}: expected one of {', '.join(STACKS)}")
+    if ready is not None:
+        asyncio.get_running_loop().call_soon(ready)
+
+    def close_streams() -> None:
+        ui = getattr(getattr(app, "state", None), "ui", None)
+        if ui is not None:
+            ui.close()  # ends the UI's live streams: the graceful shutdown need not wait for them
+
+    if stack == "uvicorn":
+        await _serve_split(app, sock, stop, close_streams)
+        return
+    _fix_hypercorn_h2()
+    config = hypercorn_config(sock)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        close_streams()
+
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+#: The client preface that opens an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: The most a connection's first request head may take before it is handed to HTTP/1.1 as is.
+_SNIFF_LIMIT = 64 * 1024
+
+
+def first_protocol(buffer: bytes) -> str | None:
+    """Which server a connection whose first bytes are ``buffer`` goes to: ``"h2"`` (the
+    HTTP/2 preface, or a first HTTP/1.1 request asking ``Upgrade: h2c``), ``"h1"``, or None
+    while the bytes cannot tell yet."""
+    if buffer[: len(H2_PREFACE)] == H2_PREFACE[: len(buffer)]:
+        return "h2" if len(buffer) >= len(H2_PREFACE) else None
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None if len(buffer) < _SNIFF_LIMIT else "h1"
+    head = buffer[:end].lower()
+    if b"h2c" in head:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip() == b"upgrade" and b"h2c" in (v.strip() for v in value.split(b",")):
+                return "h2"
+    return "h1"
+
+
+def hypercorn_settings() -> Config:
+    """hypercorn's settings for the connections it serves (no sockets of its own)."""
+    config = Config()
     config.graceful_timeout = GRACE
     config.keep_alive_timeout = 75.0  # longer than clients keep idle connections (httpx: 5 s)
     config.include_server_header = False
@@ -184,25 +300,109 @@ def hypercorn_config(sock: socket.socket) -> Config:
     return config
 
 
-async def serve_app(
-    app: ASGIApp,
-    sock: socket.socket,
-    stop: asyncio.Event,
-    *,
-    ready: Callable[[], None] | None = None,
+async def _serve_split(
+    app: ASGIApp, sock: socket.socket, stop: asyncio.Event, close_streams: Callable[[], None]
 ) -> None:
-    """Serve ``app`` on the listening ``sock`` until ``stop`` is set."""
-    config = hypercorn_config(sock)
-    if ready is not None:
-        asyncio.get_running_loop().call_soon(ready)
+    """HTTP/1.1 by uvicorn's httptools protocol, HTTP/2 (prior knowledge or ``Upgrade: h2c``)
+    by hypercorn, on one socket: each connection goes to one of them by its first bytes."""
+    import uvicorn
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.asyncio.worker_context import WorkerContext
+    from hypercorn.utils import wrap_app
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    async def shutdown_trigger() -> None:
+    _fix_hypercorn_h2()
+    loop = asyncio.get_running_loop()
+    h2_config = hypercorn_settings()
+    h2_context = WorkerContext(None)
+    h2_app = wrap_app(app, h2_config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    h2_tasks: set[asyncio.Task[None]] = set()
+
+    async def h2_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]
+    ) -> None:
+        await TCPServer(h2_app, loop, h2_config, h2_context, state, reader, writer)
+
+    class FirstBytes(asyncio.Protocol):
+        """Reads until the first bytes tell the protocol, then hands the connection over."""
+
+        def __init__(
+            self,
+            config: uvicorn.Config,
+            server_state: Any,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            self.config, self.server_state, self.app_state = config, server_state, app_state
+            self.buffer = b""
+            self.transport: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+        def data_received(self, data: bytes) -> None:
+            buffer = self.buffer + data
+            kind = first_protocol(buffer)
+            transport = self.transport
+            if kind is None or transport is None:
+                self.buffer = buffer
+                return
+            self.buffer = b""
+            if kind == "h1":
+                h1 = HttpToolsProtocol(self.config, self.server_state, self.app_state, loop)
+                transport.set_protocol(h1)
+                h1.connection_made(transport)
+                h1.data_received(buffer)
+                return
+            reader = asyncio.StreamReader(loop=loop)
+            stream = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport.set_protocol(stream)
+            stream.connection_made(transport)
+            reader.feed_data(buffer)
+            writer = asyncio.StreamWriter(transport, stream, reader, loop)
+            task = loop.create_task(h2_connection(reader, writer, self.app_state))
+            h2_tasks.add(task)
+            task.add_done_callback(h2_tasks.discard)
+
+        def eof_received(self) -> bool:
+            return False  # closes the transport
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.transport = None
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # signals are ours (_on_signals)
+
+        async def _wait_tasks_to_complete(self) -> None:
+            await h2_context.terminated.set()
+            await asyncio.gather(super()._wait_tasks_to_complete(), *list(h2_tasks))
+
+    config = uvicorn.Config(
+        app,
+        http=FirstBytes,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=int(GRACE),
+    )
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    server = Server(config)
+
+    async def trigger() -> None:
         await stop.wait()
-        ui = getattr(getattr(app, "state", None), "ui", None)
-        if ui is not None:
-            ui.close()  # ends the UI's live streams: the graceful shutdown need not wait for them
+        close_streams()
+        server.should_exit = True
 
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    watcher = asyncio.create_task(trigger())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
 
 
 def serve(
@@ -234,6 +434,14 @@ def serve(
         delayer=delayer,
     )
     _json_logging()
+    if (os.environ.get("FLOWSTATE_SERVER_LOOP") or DEFAULT_LOOP) == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not on every platform
+            pass
+        else:
+            uvloop.run(_serve(s))
+            return
     asyncio.run(_serve(s))
 
 
