@@ -5,17 +5,42 @@ the connection and the other requests on it (issue 14, item 4)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 import flowstate as fs
 from flowstate.drivers.net import NetDriver
+from flowstate.server import BackgroundServer, create_app
+from flowstate.server.run import H2_PREFACE, STACKS, first_protocol
 from flowstate.wire import codec
-from tests import netserver
 
 DRIVER = "/flowstate.v1.Driver/"
 SMALL = 200  # concurrent small requests beside the refused one
+
+
+@pytest.fixture(params=STACKS)
+def stack(request: pytest.FixtureRequest) -> str:
+    """Every stack the server can run: the default and hypercorn alone."""
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(stack: str) -> Iterator[object]:
+    servers: list[BackgroundServer] = []
+
+    def start(driver: fs.Driver, **options: object) -> BackgroundServer:
+        server = BackgroundServer(create_app(driver, **options), stack=stack)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 def _commit_body(i: int) -> bytes:
@@ -73,16 +98,16 @@ BIG = b"\x00" * (256 * 1024)  # over the 64 KiB cap below, more than one h2 wind
     ids=["413", "415", "404-method", "405", "404-path", "400"],
 )
 async def test_an_early_refusal_ends_only_its_own_h2_stream(
-    refused: tuple[str, str, dict[str, str], bytes], status: int
+    refused: tuple[str, str, dict[str, str], bytes], status: int, serve: Any
 ) -> None:
-    server = netserver.serve(fs.MemoryDriver(), max_body=64 * 1024)
+    server = serve(fs.MemoryDriver(), max_body=64 * 1024)
     oks, got = await _burst(server.url, refused, {})
     assert got == status
     assert oks == [200] * (SMALL + 1)
 
 
-async def test_a_refused_token_ends_only_its_own_h2_stream() -> None:
-    server = netserver.serve(fs.MemoryDriver(), token="t")
+async def test_a_refused_token_ends_only_its_own_h2_stream(serve: Any) -> None:
+    server = serve(fs.MemoryDriver(), token="t")
     auth = {"authorization": "Bearer t"}
     refused = ("POST", DRIVER + "Commit", {"authorization": "Bearer wrong"}, BIG[:50_000])
     oks, got = await _burst(server.url, refused, auth)
@@ -90,11 +115,11 @@ async def test_a_refused_token_ends_only_its_own_h2_stream() -> None:
     assert oks == [200] * (SMALL + 1)
 
 
-async def test_net_driver_h2_commits_survive_an_oversize_commit() -> None:
+async def test_net_driver_h2_commits_survive_an_oversize_commit(serve: Any) -> None:
     """The report of issue 14: one oversize commit among many concurrent small ones over
     ``NetDriver(http2=True)`` must fail alone (413), not turn the others into
     CommitUnknownError."""
-    server = netserver.serve(fs.MemoryDriver(), max_body=64 * 1024)
+    server = serve(fs.MemoryDriver(), max_body=64 * 1024)
     net = NetDriver(server.url, http2=True)
     async with fs.Engine(net, recovery=False, delayer=False) as engine:
 
@@ -114,3 +139,94 @@ async def test_net_driver_h2_commits_survive_an_oversize_commit() -> None:
     failed = [r for r in results if isinstance(r, BaseException)]
     assert len(failed) == 1, failed[:3]
     assert not isinstance(failed[0], fs.CommitUnknownError), failed[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# One port, two protocols
+
+
+def test_first_bytes_choose_the_protocol() -> None:
+    assert first_protocol(H2_PREFACE + b"\x00\x00") == "h2"
+    assert first_protocol(H2_PREFACE) == "h2"
+    for cut in (1, 3, 10, len(H2_PREFACE) - 1):
+        assert first_protocol(H2_PREFACE[:cut]) is None  # not yet known
+    assert first_protocol(b"POST /flowstate.v1.Driver/Commit HTTP/1.1\r\nHost: x\r\n") is None
+    assert first_protocol(b"POST / HTTP/1.1\r\nHost: x\r\n\r\nbody") == "h1"
+    assert first_protocol(b"PUT / HTTP/1.1\r\n\r\n") == "h1"
+    upgrade = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    assert (
+        first_protocol(upgrade + b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        == "h2"
+    )
+    assert first_protocol(upgrade + b"UPGRADE:  websocket, H2C\r\n\r\n") == "h2"
+    assert first_protocol(b"GET /h2c HTTP/1.1\r\nX-Note: h2c\r\n\r\n") == "h1"
+    assert first_protocol(b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000) == "h1"  # too long to wait
+
+
+async def test_http1_and_h2c_clients_share_the_port(serve: Any) -> None:
+    server = serve(fs.MemoryDriver())
+
+    async def client(http2: bool, n: int) -> set[str]:
+        versions = set()
+        async with httpx.AsyncClient(
+            base_url=server.url, http1=not http2, http2=http2, timeout=60.0
+        ) as http:
+            for i in range(n):
+                r = await http.post(
+                    DRIVER + "Commit", content=_commit_body(i + (1000 if http2 else 0))
+                )
+                assert r.status_code == 200
+                versions.add(r.http_version)
+            r = await http.get("/health")
+            assert r.status_code == 200 and r.json()["head_rev"] >= n
+        return versions
+
+    h1, h2 = await asyncio.gather(client(False, 50), client(True, 50))
+    assert (h1, h2) == ({"HTTP/1.1"}, {"HTTP/2"})
+
+
+class SlowCommits(fs.MemoryDriver):
+    """Commits wait until released, so that a shutdown finds them in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    async def commit(self, cmd: fs.CommitCmd) -> None:  # type: ignore[override]
+        self.entered.release()
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        await super().commit(cmd)
+
+
+async def test_shutdown_lets_requests_in_flight_finish(serve: Any) -> None:
+    """Graceful shutdown (docs/server.md): a commit in flight on HTTP/1.1 and one on h2c both
+    get their answer; idle keep-alive connections do not hold the shutdown up; afterwards the
+    port refuses."""
+    store = SlowCommits()
+    server = serve(store)
+    loop = asyncio.get_running_loop()
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60.0) as h1,
+        httpx.AsyncClient(base_url=server.url, http1=False, http2=True, timeout=60.0) as h2,
+        httpx.AsyncClient(base_url=server.url, timeout=60.0) as idle,
+    ):
+        assert (await idle.get("/health")).status_code == 200  # an idle keep-alive connection
+        calls = [
+            asyncio.ensure_future(http.post(DRIVER + "Commit", content=_commit_body(i)))
+            for i, http in enumerate((h1, h2))
+        ]
+        for _ in calls:
+            assert await loop.run_in_executor(None, store.entered.acquire, True, 30)
+        stopping = loop.run_in_executor(None, server.stop)
+        await asyncio.sleep(0.3)  # the server is now shutting down with both commits in flight
+        store.release.set()
+        answers = await asyncio.gather(*calls)
+        assert [(r.status_code, r.http_version) for r in answers] == [
+            (200, "HTTP/1.1"),
+            (200, "HTTP/2"),
+        ]
+        await stopping
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health")

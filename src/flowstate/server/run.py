@@ -1,5 +1,6 @@
-"""Running the server: settings from arguments and the environment, hypercorn (HTTP/1.1 and
-h2c on one port), signals, and a background server for tests and embedding."""
+"""Running the server: settings from arguments and the environment, the HTTP stack (HTTP/1.1 by
+uvicorn's httptools protocol, h2c by hypercorn, on one port), signals, and a background server
+for tests and embedding."""
 
 from __future__ import annotations
 
@@ -583,7 +584,8 @@ def _json_logging() -> None:
 
 
 class BackgroundServer:
-    """An ASGI app served by hypercorn on a real socket, from a thread with its own event loop.
+    """An ASGI app served on a real socket (HTTP/1.1 and h2c, by the stack ``serve_app`` runs
+    or the one ``stack`` names), from a thread with its own event loop.
 
     For tests and for embedding a server into a program that is not asyncio::
 
@@ -593,8 +595,11 @@ class BackgroundServer:
         server.stop()
     """
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, stack: str | None = None
+    ) -> None:
         self.app = app
+        self.stack = stack
         self._sock = listen(host, port)
         bound = self._sock.getsockname()
         self.url = f"http://{_advertised(host, bound[1]).split('//', 1)[1]}"
@@ -618,7 +623,9 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_app(self.app, self._sock, self._stop, ready=self._started.set)
+            await serve_app(
+                self.app, self._sock, self._stop, ready=self._started.set, stack=self.stack
+            )
 
         try:
             asyncio.run(main())
