@@ -370,7 +370,14 @@ async def measure_filtered(
     tasks = [asyncio.create_task(drain(w)) for w in ws]
     try:
         settle_s = await _settle(pids, cfg["settle_s"], cfg["stall_s"], cfg["settle_s"] / 3)
-        r = await measure_commit(eng, f"{tag}-f", 1, cfg, cap)
+        t0 = time.perf_counter()
+        r: dict[str, Any]
+        try:
+            r = await measure_commit(eng, f"{tag}-f", 1, cfg, cap)
+        except fs.StoreUnavailableError as exc:  # e.g. the watchers hold every connection
+            secs = time.perf_counter() - t0
+            r = {"ops": 0.0, "seconds": secs, "per_s": 0.0, "committed": 0.0}
+            r["error"] = f"a commit failed after {secs:.1f} s: {exc}"[:300]
         r["settle_s"] = settle_s
     finally:
         for w in ws:
@@ -557,12 +564,18 @@ async def fanout(params: dict[str, Any]) -> dict[str, Any]:
             tasks = [asyncio.create_task(idle(w)) for w in ws]
             last: list[float] = []
             every: list[float] = []
+            errors: list[str] = []
             complete = 0
             try:
                 for i in range(-1, commits):  # -1: every watcher reaches the head first
                     ctx.current.annotations["i"] = str(i)
                     t0 = time.perf_counter()
-                    await eng.do(fs.commit(fs.park(ctx)))
+                    try:
+                        await eng.do(fs.commit(fs.park(ctx)))
+                    except fs.StoreUnavailableError as exc:  # e.g. no pooled connection left
+                        errors.append(f"commit {i}: {exc}"[:200])
+                        ctx = fs.StateCtx(current=fs.State(id=f"fan{i}", labels=label))
+                        continue
                     deadline = t0 + (60 if i < 0 else 10)
                     while len(got.get(i, ())) < count and time.perf_counter() < deadline:
                         await asyncio.sleep(0.0005)
@@ -588,6 +601,8 @@ async def fanout(params: dict[str, Any]) -> dict[str, Any]:
         "last_max_ms": max(last) if last else float("nan"),
         "each_p50_ms": percentile(every, 50),
         "each_p99_ms": percentile(every, 99),
+        "failed_commits": len(errors),
+        "errors": errors[:3],
     }
 
 
