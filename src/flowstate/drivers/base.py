@@ -281,6 +281,7 @@ class Notifier:
         self.head = 0
         self.version = 0
         self._event = asyncio.Event()
+        self._waiting = 0  # waiters on _event: without any, a wake only bumps the version
 
     def notify(self, rev: int = 0) -> None:
         """Announce a commit (``rev`` 0: something changed, rev unknown)."""
@@ -290,16 +291,21 @@ class Notifier:
     def wake(self) -> None:
         """Wake every waiter (also used on close and shutdown)."""
         self.version += 1
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        if self._waiting:
+            event, self._event = self._event, asyncio.Event()
+            event.set()
 
     async def wait(self, version: int, timeout: float | None) -> None:
         """Return once ``version`` is outdated, or after ``timeout`` seconds."""
         if self.version != version:
             return
         event = self._event
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        self._waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            self._waiting -= 1
 
 
 async def settled(fut: asyncio.Future[T], on_success: Callable[[T], object] | None = None) -> T:
