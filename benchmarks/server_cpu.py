@@ -178,6 +178,44 @@ def _wrk(url: str, script: Path, connections: int, seconds: float, base: int) ->
     return result
 
 
+def _h2load(url: str, directory: Path, connections: int, seconds: float) -> tuple[int, float]:
+    """GetStates(limit 50) over h2c with prior knowledge, one stream at a time on each of
+    ``connections`` connections: (requests, requests/s)."""
+    body = directory / "get_states.bin"
+    body.write_bytes(_bodies()[2])
+    out = subprocess.run(
+        [
+            "h2load",
+            "-c",
+            str(connections),
+            "-m",
+            "1",
+            "-t",
+            "2",
+            "-D",
+            str(max(1, round(seconds))),
+            "--warm-up-time",
+            "1",
+            "-d",
+            str(body),
+            url + DRIVER + "GetStates",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    done = next(x for x in out.splitlines() if x.startswith("requests:"))
+    codes = next(x for x in out.splitlines() if x.startswith("status codes:"))
+    count = int(done.split(",")[2].split()[0])  # "N done"
+    ok = int(codes.split(":")[1].split(",")[0].split()[0])  # "N 2xx"
+    if ok < count - connections or count == 0:  # those cut off at the deadline aside
+        raise RuntimeError(f"h2load saw failures:\n{out}")
+    finished = next(x for x in out.splitlines() if x.startswith("finished in"))
+    per_s = float(finished.split(",")[1].split()[0])
+    return count, per_s
+
+
 def _prefill(url: str, revisions: int) -> None:
     """At least ``max(revisions, 100)`` revisions, 100 new states per commit."""
     import flowstate as fs
@@ -245,6 +283,12 @@ def measure(
                 result[f"{key}_cpu_us"] = used / run["requests"] * 1e6
                 result[f"{key}_per_s"] = run["requests"] / (run["duration_us"] / 1e6)
                 result[f"{key}_p99_ms"] = run["p99_us"] / 1000.0
+            if shutil.which("h2load") is not None and stack != "uvicorn-asyncio":
+                before = _cpu_seconds(proc.pid)
+                count, per_s = _h2load(url, Path(tmp), connections, seconds)
+                used = _cpu_seconds(proc.pid) - before
+                result["get_states_h2_cpu_us"] = used / count * 1e6
+                result["get_states_h2_per_s"] = per_s
     finally:
         proc.terminate()
         try:
@@ -327,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         "| stack | Commit CPU µs | Commit req/s | Commit p99 ms "
-        "| GetStates CPU µs | GetStates req/s | GetStates p99 ms |"
+        "| GetStates CPU µs | GetStates req/s | GetStates p99 ms "
+        "| h2c GetStates CPU µs | h2c GetStates req/s |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for _ in range(args.repeat):
         for stack in args.stacks:
             with contextlib.suppress(KeyboardInterrupt):
@@ -337,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"| {stack} | {r['commit_cpu_us']:.0f} | {r['commit_per_s']:.0f} "
                     f"| {r['commit_p99_ms']:.1f} | {r['get_states_cpu_us']:.0f} "
-                    f"| {r['get_states_per_s']:.0f} | {r['get_states_p99_ms']:.1f} |",
+                    f"| {r['get_states_per_s']:.0f} | {r['get_states_p99_ms']:.1f} "
+                    f"| {r.get('get_states_h2_cpu_us', float('nan')):.0f} "
+                    f"| {r.get('get_states_h2_per_s', float('nan')):.0f} |",
                     flush=True,
                 )
     return 0

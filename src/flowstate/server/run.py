@@ -386,6 +386,7 @@ async def _serve_split(
         lifespan="on",
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # X-Forwarded-* mean nothing to this server (as with hypercorn)
         server_header=False,
         date_header=False,
         timeout_keep_alive=75,
