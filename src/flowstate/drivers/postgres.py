@@ -78,6 +78,7 @@ _HEAD_SQL = "SELECT flowstate_head()"
 #: The read horizon: (bound, allocated); waits up to $2 ms for bound to pass rev $1.
 _BOUND_SQL = "SELECT bound, allocated FROM flowstate_rev_bound_after($1, $2)"
 _OFFSET_BOUND_SQL = "SELECT flowstate_offset_bound()"
+_EXTEND_MARKS_SQL = "SELECT flowstate_extend_time_marks($1)"
 _IN_FLIGHT_SQL = (
     "SELECT first_value, pid, xact_start, application_name, state, "
     "extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age "
@@ -303,6 +304,8 @@ class PostgresDriver(Driver):
         #: the highest own rev a read waited for in vain (see _bound)
         self._waited_in_vain = 0
         self._published = 0  # the highest rev announced to other processes
+        self._marked = -1  # the highest time mark known to exist (see _mark_times)
+        self._marks_refused = False
         self._publisher: asyncio.Task[None] | None = None
 
     # lifecycle
@@ -667,9 +670,27 @@ class PostgresDriver(Driver):
         own = self._own_rev
 
         async def run(conn: asyncpg.Connection) -> GetStatesResult:
-            return await _get_states(conn, cmd, await self._bound(conn, own))
+            bound = await self._bound(conn, own)
+            if cmd.since_time is not None:
+                await self._mark_times(conn, bound)
+            return await _get_states(conn, cmd, bound)
 
         return await self._read(run, "labels")
+
+    async def _mark_times(self, conn: asyncpg.Connection, bound: int) -> None:
+        """Extend the time marks (flowstate_extend_time_marks) up to ``bound``, a read horizon,
+        when they lag it by two blocks or more: a since_time query then walks at most about
+        two blocks of revs older than its time. A role that may not write skips this (its
+        queries stay exact, and walk further)."""
+        if self._marks_refused or bound - 1 < self._marked + 2 * _MARK_BLOCK:
+            return
+        try:
+            self._marked = int(await conn.fetchval(_EXTEND_MARKS_SQL, bound))
+        except (
+            asyncpg.exceptions.InsufficientPrivilegeError,
+            asyncpg.exceptions.ReadOnlySQLTransactionError,
+        ):
+            self._marks_refused = True
 
     async def _bound(self, conn: asyncpg.Connection, own: int) -> int:
         """The read horizon: every rev below it is finished, none at or above it may be shown.
@@ -884,48 +905,42 @@ async def _get_state(conn: asyncpg.Connection, state_id: str, rev: int) -> State
     return _row_state(row)
 
 
+#: Runs a read query (``q``, below) with its parameters bound when it is planned, so that the
+#: planner sees the label sets and the time (schema version 6).
+_QUERY_SQL = "SELECT * FROM flowstate_query_states($1, $2, $3)"
+#: The parameters of a read query, as ``q`` names them: numbers, then label sets (jsonb).
+_HORIZON, _SINCE, _TIME = "($1::bigint[])[1]", "($1::bigint[])[2]", "($1::bigint[])[3]"
+#: Label sets one query may name (what asyncpg took as arguments before schema version 6).
+MAX_LABEL_SETS = 32_767
+#: A block of time marks (flowstate_extend_time_marks): 1,024 revs.
+_MARK_BLOCK = 1024
+
+
+def _set(i: int) -> str:
+    return f"($2::jsonb[])[{i}]"
+
+
+#: The latest version, over every version (behaviour.md §2.2), whose labels contain the label
+#: set; planned with the set in view: the GIN index for a rare set, a backward walk of the log
+#: for a frequent one.
+STATE_BY_LABELS_SQL = (
+    f"SELECT {_COLUMNS} FROM flowstate_states WHERE labels @> {_set(1)} ORDER BY rev DESC LIMIT 1"
+)
+
+
 async def _get_state_by_labels(conn: asyncpg.Connection, labels: Mapping[str, str]) -> State:
-    sql = f"SELECT {_COLUMNS} FROM flowstate_states WHERE labels @> $1::jsonb "
-    sql += "ORDER BY rev DESC LIMIT 1"
-    row = await conn.fetchrow(sql, dumps_map(labels))
+    row = await conn.fetchrow(_QUERY_SQL, STATE_BY_LABELS_SQL, [], [dumps_map(labels)])
     if row is None:
         raise NotFoundError(f"labels={dict(labels)}")
     return _row_state(row)
 
 
-def _filters(cmd: GetStatesCmd, args: list[Any]) -> str:
-    """SQL conditions on ``s`` for the visibility (``$1``, the read horizon), label and time
-    filters; appends args."""
-    # "+ 0": a filter on each row, not a range of the primary key. The bound is almost always
-    # above every row, so as an index condition it makes the planner walk the primary key in
-    # rev order for a selective label query (scanning ~1 row in 1/selectivity) instead of using
-    # the GIN index; as an opaque filter the plans stay those of schema versions 1-4, whose
-    # horizon (an xid comparison) was such a filter. (Index conditions come from since_rev.)
-    where = ["s.rev + 0 < $1"]
-    if cmd.labels and all(cmd.labels):
-        ors = []
-        for labels in cmd.labels:
-            args.append(dumps_map(labels))
-            ors.append(f"s.labels @> ${len(args)}::jsonb")
-        where.append("(" + " OR ".join(ors) + ")")
-    if cmd.since_time is not None:
-        args.append(to_millis(cmd.since_time))
-        where.append(f"s.committed_at >= ${len(args)}")
-    return " AND ".join(where)
+def _label_filter(column: str, count: int) -> list[str]:
+    """The OR of ``count`` label sets contained in ``column``, as a list of 0 or 1 condition."""
+    if not count:
+        return []
+    return ["(" + " OR ".join(f"{column} @> {_set(i + 1)}" for i in range(count)) + ")"]
 
-
-#: Whether row ``s`` is the latest *visible* version of its state, ``$1`` being the read horizon.
-#: flowstate_latest may name a rev at or beyond the horizon: comparing with it alone would hide
-#: the state while a lower rev of it is visible. So when the latest rev is beyond the horizon
-#: (rare: a state committed again while a lower rev is in flight), a newer visible row is looked
-#: for; otherwise ``s`` is the latest visible version iff it is the latest. One probe of
-#: flowstate_latest_pkey per row, as before.
-_LATEST_VISIBLE = (
-    "(SELECT CASE WHEN l.rev = s.rev THEN true "
-    "WHEN l.rev >= $1 THEN NOT EXISTS (SELECT 1 FROM flowstate_states n "
-    "WHERE n.id = s.id AND n.rev > s.rev AND n.rev < $1) "
-    "ELSE false END FROM flowstate_latest l WHERE l.id = s.id)"
-)
 
 #: A horizon above every rev, for looking at plans without a store (scripts, tests).
 NO_HORIZON = 2**62
@@ -933,22 +948,80 @@ NO_HORIZON = 2**62
 
 def states_query(cmd: GetStatesCmd, bound: int = NO_HORIZON) -> tuple[str, list[Any]]:
     """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``) showing
-    only revs below ``bound``, a read horizon computed before the statement runs."""
-    args: list[Any] = [bound]
-    where = _filters(cmd, args)
-    if cmd.since_rev < 0:
-        since = f"s.rev >= (SELECT max(s.rev) FROM flowstate_states s WHERE {where})"
+    only revs below ``bound``, a read horizon computed before the statement runs. The SQL takes
+    two arguments, the numbers and the label sets (only the first when there are no label
+    sets); the driver runs it through
+    ``flowstate_query_states`` (it runs as it is too: EXPLAIN)."""
+    sets = [dumps_map(labels) for labels in cmd.labels] if cmd.labels and all(cmd.labels) else []
+    if len(sets) > MAX_LABEL_SETS:
+        raise ValidationError("labels", f"at most {MAX_LABEL_SETS} label sets in one query")
+    at = to_millis(cmd.since_time) if cmd.since_time is not None else None
+    nums = [bound, max(cmd.since_rev, 0), at or 0]
+
+    def filters(alias: str, labels: str | None = None) -> list[str]:
+        """The label and time filters on ``alias`` (labels read from ``labels``)."""
+        where = _label_filter(f"{labels or alias}.labels", len(sets))
+        if at is not None:
+            where.append(f"{alias}.committed_at >= {_TIME}")
+        return where
+
+    # "+ 0": the horizon is a filter on each row, not a range of an index. It is almost always
+    # above every row, so as an index condition it would make the planner walk the log in rev
+    # order for a selective label query instead of using the GIN index.
+    visible = [f"s.rev + 0 < {_HORIZON}"]
+    if cmd.since_rev < 0:  # since latest: from the latest matching version of the whole log
+        anchor = " AND ".join([f"a.rev + 0 < {_HORIZON}", *filters("a")])
+        floor = f"(SELECT max(a.rev) FROM flowstate_states a WHERE {anchor})"
+        since = f">= {floor}"
+    elif at is not None:
+        # every rev up to the last time mark below since_time is older than it: start after
+        mark = (
+            "(SELECT m.rev FROM flowstate_time_marks m WHERE m.max_at < "
+            f"{_TIME} ORDER BY m.max_at DESC, m.rev DESC LIMIT 1)"
+        )
+        since = f"> greatest({_SINCE}, {mark})"
+        if cmd.latest_only:  # from the first version at or after since_time (in rev order)
+            since = (
+                f">= (SELECT f.rev FROM flowstate_states f WHERE f.rev {since} "
+                f"AND f.committed_at >= {_TIME} AND f.rev + 0 < {_HORIZON} "
+                "ORDER BY f.rev LIMIT 1)"
+            )
     else:
-        args.append(cmd.since_rev)
-        since = f"s.rev > ${len(args)}"
-    latest = ""
-    if cmd.latest_only:
-        latest = f" AND {_LATEST_VISIBLE}"
-    sql = (
-        f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {since} AND {where}{latest} "
-        f"ORDER BY s.rev LIMIT {int(cmd.limit) + 1}"
+        since = f"> {_SINCE}"
+    limit = int(cmd.limit) + 1
+    if not cmd.latest_only:
+        where = " AND ".join([f"s.rev {since}", *visible, *filters("s")])
+        sql = (
+            f"SELECT {_COLUMNS} FROM flowstate_states s WHERE {where} ORDER BY s.rev LIMIT {limit}"
+        )
+        return sql, [nums, sets] if sets else [nums]
+    # latest_only: each state's latest version below the horizon. Its latest rev is in
+    # flowstate_latest with its labels: below the horizon (nearly always), that row is the one,
+    # found through the latest rows alone (by rev, or by labels); at or beyond it (committed
+    # again while a lower rev is in flight), the newest version below the horizon is looked up.
+    cols = ", ".join(f"s.{c}" for c in _COLUMNS.split(", "))
+    below = " AND ".join(
+        [f"l.rev {since}", f"l.rev + 0 < {_HORIZON}", *_label_filter("l.labels", len(sets))]
     )
-    return sql, args
+    if at is None:  # the page of latest rows first, then their versions (one probe each)
+        first = (
+            f"SELECT {cols} FROM (SELECT l.rev FROM flowstate_latest l WHERE {below} "
+            f"ORDER BY l.rev LIMIT {limit}) l JOIN flowstate_states s ON s.rev = l.rev"
+        )
+    else:  # the time is the version's: filtered after the join ("+ 0": after, not instead)
+        first = (
+            f"SELECT {cols} FROM flowstate_latest l JOIN flowstate_states s ON s.rev = l.rev "
+            f"WHERE {below} AND s.committed_at + 0 >= {_TIME} ORDER BY l.rev LIMIT {limit}"
+        )
+    beyond = " AND ".join([f"l.rev >= {_HORIZON}", f"s.rev {since}", *filters("s")])
+    sql = (
+        f"SELECT {_COLUMNS} FROM (({first}) "
+        f"UNION ALL (SELECT {cols} FROM flowstate_latest l CROSS JOIN LATERAL ("
+        f"SELECT {_COLUMNS} FROM flowstate_states n WHERE n.id = l.id AND n.rev < {_HORIZON} "
+        f"ORDER BY n.rev DESC LIMIT 1) s WHERE {beyond})"
+        f") s ORDER BY s.rev LIMIT {limit}"
+    )
+    return sql, [nums, sets] if sets else [nums]
 
 
 async def _acquire(pool: asyncpg.Pool, attempt: int) -> asyncpg.Connection | None:
@@ -965,7 +1038,7 @@ async def _acquire(pool: asyncpg.Pool, attempt: int) -> asyncpg.Connection | Non
 
 async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd, bound: int) -> GetStatesResult:
     sql, args = states_query(cmd, bound)
-    rows = await conn.fetch(sql, *args)
+    rows = await conn.fetch(_QUERY_SQL, sql, args[0], args[1] if len(args) > 1 else [])
     states = [_row_state(r) for r in rows[: cmd.limit]]
     if len(rows) > cmd.limit:
         return GetStatesResult(states, True)
