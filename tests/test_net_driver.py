@@ -268,7 +268,7 @@ async def test_h1_request_shape_and_keep_alive() -> None:
     assert headers[b"authorization"] == b"Bearer s3cret"
 
 
-@pytest.mark.parametrize("framing", ["chunked", "close", "informational", "split"])
+@pytest.mark.parametrize("framing", ["chunked", "chunked-split", "close", "informational", "split"])
 async def test_h1_answer_framings(framing: str) -> None:
     answer = state_answer(rev=7)
 
@@ -276,13 +276,24 @@ async def test_h1_answer_framings(framing: str) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 await read_request(reader)
-                if framing == "chunked":
+                if framing.startswith("chunked"):
                     half = len(answer) // 2
-                    writer.write(
+                    data = (
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                        b"%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nx-trailer: 1\r\n\r\n"
-                        % (half, answer[:half], len(answer) - half, answer[half:])
+                        b"%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\n%s\r\n"
+                        % (
+                            half,
+                            answer[:half],
+                            len(answer) - half,
+                            answer[half:],
+                            b"x-trailer: 1\r\n" if framing == "chunked-split" else b"",
+                        )
                     )
+                    step = 3 if framing == "chunked-split" else len(data)
+                    for i in range(0, len(data), step):
+                        writer.write(data[i : i + step])
+                        await writer.drain()
+                        await asyncio.sleep(0)
                 elif framing == "close":
                     writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + answer)
                     await writer.drain()

@@ -380,6 +380,7 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] | None = None
         self.body_at = 0
         self.length = -1  # -1: chunked, -2: until the connection closes
+        self.chunks: list[bytes] = []  # chunked: the chunks read so far (body_at moves on)
         self.keep_alive = True
 
     # asyncio.Protocol
@@ -477,6 +478,7 @@ class _Connection(asyncio.Protocol):
                 return None
             self._read_head(bytes(buf[:end]))
             self.body_at = end + 4
+            self.chunks = []
             if self.headers is None:  # an informational (1xx) answer: skip it
                 del buf[: end + 4]
                 return self._response()
@@ -488,10 +490,10 @@ class _Connection(asyncio.Protocol):
                 return None
             content = bytes(buf[start:stop])
         elif length == -1:
-            parsed = _dechunk(buf, start)
-            if parsed is None:
+            if not self._dechunk():
                 return None
-            content, stop = parsed
+            content = b"".join(self.chunks)
+            stop = self.body_at
         else:
             if not self.eof:
                 return None
@@ -502,6 +504,33 @@ class _Connection(asyncio.Protocol):
         headers = self.headers
         assert headers is not None
         return _Response(self.status, headers, content, keep_alive)
+
+    def _dechunk(self) -> bool:
+        """Read the complete chunks after ``body_at`` (which moves past them) into ``chunks``;
+        True once the last chunk and the trailers are in."""
+        buf = self.buf
+        pos = self.body_at
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return False
+            try:
+                size = int(bytes(buf[pos:eol]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _Lost("malformed chunk size") from None
+            if size == 0:
+                if buf[eol + 2 : eol + 4] == b"\r\n":
+                    self.body_at = eol + 4
+                    return True
+                end = buf.find(b"\r\n\r\n", eol + 2)  # trailers
+                if end < 0:
+                    return False
+                self.body_at = end + 4
+                return True
+            if len(buf) < eol + 2 + size + 2:
+                return False
+            self.chunks.append(bytes(buf[eol + 2 : eol + 2 + size]))
+            pos = self.body_at = eol + 2 + size + 2
 
     def _read_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -540,29 +569,6 @@ class _Connection(asyncio.Protocol):
         self.headers = headers
         self.length = length
         self.keep_alive = keep_alive
-
-
-def _dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
-    """A chunked body starting at ``pos``: (content, end) once complete, else None."""
-    parts: list[bytes] = []
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        try:
-            size = int(bytes(buf[pos:eol]).split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _Lost("malformed chunk size") from None
-        pos = eol + 2
-        if size == 0:
-            if buf[pos : pos + 2] == b"\r\n":
-                return b"".join(parts), pos + 2
-            end = buf.find(b"\r\n\r\n", pos)  # trailers
-            return None if end < 0 else (b"".join(parts), end + 4)
-        if len(buf) < pos + size + 2:
-            return None
-        parts.append(bytes(buf[pos : pos + size]))
-        pos += size + 2
 
 
 class _Pool:
