@@ -441,7 +441,7 @@ async def test_a_fresh_store_gets_the_current_version_and_reopens(tmp_path: Path
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert conn.execute("SELECT count(*) FROM flowstate_latest").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM flowstate_latest_labels").fetchone()[0] == 2
     finally:
         conn.close()
 

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from flowstate.commands import (
     GetDelayedStatesResult,
     GetStatesCmd,
     GetStatesResult,
+    ParkCmd,
+    TransitCmd,
 )
 from flowstate.data import Data
 from flowstate.drivers.base import CommitOutcome, Driver, process_commit, run_commit
@@ -58,10 +61,10 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 SCHEMA_VERSION = 1
 
 # flowstate_states.committed_max is the greatest committed_at of all revs up to and including
-# this one: monotone in rev, so its index finds the first rev that can match a since_time
-# filter even when the clock went backwards. flowstate_latest names the latest rev of every id
-# (and whether it has labels); flowstate_latest_labels holds the labels of those latest
-# versions only, so a latest_only label query reads matching latest versions and nothing else.
+# this one: monotone in rev, so a binary search over revs finds the first rev that can match a
+# since_time filter even when the clock went backwards (no index: no extra page per commit).
+# flowstate_latest_labels holds the labels of the latest version of every id only, so a
+# latest_only label query reads matching latest versions and nothing else.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flowstate_states (
     rev INTEGER PRIMARY KEY,
@@ -74,19 +77,12 @@ CREATE TABLE IF NOT EXISTS flowstate_states (
     committed_max INTEGER
 );
 CREATE INDEX IF NOT EXISTS flowstate_states_by_id ON flowstate_states (id, rev);
-CREATE INDEX IF NOT EXISTS flowstate_states_by_time ON flowstate_states (committed_max);
 CREATE TABLE IF NOT EXISTS flowstate_labels (
     key TEXT NOT NULL,
     value TEXT NOT NULL,
     rev INTEGER NOT NULL,
     PRIMARY KEY (key, value, rev)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS flowstate_latest (
-    id TEXT PRIMARY KEY,
-    rev INTEGER NOT NULL,
-    labelled INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS flowstate_latest_by_rev ON flowstate_latest (rev);
 CREATE TABLE IF NOT EXISTS flowstate_latest_labels (
     key TEXT NOT NULL,
     value TEXT NOT NULL,
@@ -113,13 +109,9 @@ _MIGRATE_1 = [
     "UPDATE flowstate_states SET committed_max = m.hi FROM "
     "(SELECT rev, max(committed_at) OVER (ORDER BY rev) AS hi FROM flowstate_states) m "
     "WHERE flowstate_states.rev = m.rev",
-    "INSERT INTO flowstate_latest (id, rev, labelled) "
-    "SELECT id, max(rev), 0 FROM flowstate_states GROUP BY id",
     "INSERT INTO flowstate_latest_labels (key, value, rev) "
-    "SELECT l.key, l.value, l.rev FROM flowstate_latest t "
-    "JOIN flowstate_labels l ON l.rev = t.rev",
-    "UPDATE flowstate_latest SET labelled = 1 "
-    "WHERE rev IN (SELECT rev FROM flowstate_latest_labels)",
+    "SELECT l.key, l.value, l.rev FROM flowstate_labels l "
+    "WHERE l.rev IN (SELECT max(rev) FROM flowstate_states GROUP BY id)",
 ]
 
 
@@ -144,8 +136,7 @@ def _upgrade(conn: sqlite3.Connection) -> None:
             statements = _schema_statements()
             if old is not None:  # unversioned: the tables exist without what version 1 adds
                 for st in statements:
-                    if "flowstate_states_by_time" not in st:
-                        conn.execute(st)
+                    conn.execute(st)
                 for st in _MIGRATE_1:
                     conn.execute(st)
                 log.info("upgraded the SQLite store schema to version %d", SCHEMA_VERSION)
@@ -160,6 +151,9 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
 _STATE_COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
 _BATCH_MAX = 256
+#: SQLite's default wal_autocheckpoint: the writer thread's connection checkpoints at a commit
+#: once the WAL holds this many frames; the inline path leaves such commits to it.
+_CHECKPOINT_FRAMES = 1000
 
 
 def _row_state(row: tuple[Any, ...]) -> State:
@@ -243,6 +237,12 @@ class SqliteDriver(Driver):
         self._start_lock = threading.Lock()  # the writer starting a job vs. its caller leaving
         self._closed = True
         self._dead: str | None = None
+        # the inline commit path (see _fast_commit): its connection, the WAL-index file it
+        # reads to know whether a commit there could sync or checkpoint, and the writer's state
+        self._fast: sqlite3.Connection | None = None
+        self._fast_lock = threading.Lock()
+        self._shm_fd = -1
+        self._writer_busy = True
 
     # lifecycle
 
@@ -315,6 +315,7 @@ class SqliteDriver(Driver):
             conn = self._connect()
             conn.execute("PRAGMA journal_mode=WAL")
             _upgrade(conn)
+            self._open_fast()
         except BaseException as exc:
             loop.call_soon_threadsafe(_resolve_error, ready, exc)
             return
@@ -322,7 +323,9 @@ class SqliteDriver(Driver):
         batch: list[_Job] = []
         try:
             while True:
+                self._writer_busy = False
                 job = self._queue.get()
+                self._writer_busy = True
                 if job is None:
                     break
                 batch = [job]
@@ -337,6 +340,7 @@ class SqliteDriver(Driver):
                         break
                     batch.append(more)
                 self._run_batch(conn, batch)
+                self._writer_busy = False  # before the callers resume: their next commit
                 self._post(self._deliver, batch)
                 batch = []
                 if stop:
@@ -351,8 +355,115 @@ class SqliteDriver(Driver):
                     job.result, job.error = None, StoreUnavailableError(self._dead)
             self._post(self._deliver, batch)
         finally:
+            self._close_fast()
             conn.close()
             self._fail_queued()
+
+    # the inline commit path
+
+    def _open_fast(self) -> None:
+        """Writer thread, at open: the connection of the inline commit path (NORMAL and OFF
+        only: a COMMIT there writes the WAL without fsync). No busy timeout: a write lock
+        held elsewhere sends the commit to the writer thread instead of waiting. No
+        automatic checkpoint: checkpoints (which fsync) run on the writer thread."""
+        if self.synchronous not in ("NORMAL", "OFF"):
+            return
+        fast = self._connect()
+        try:
+            fast.execute("PRAGMA busy_timeout=0")
+            fast.execute("PRAGMA wal_autocheckpoint=0")
+            self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY)
+        except BaseException:
+            fast.close()
+            raise
+        self._fast = fast
+
+    def _close_fast(self) -> None:
+        with self._fast_lock:  # never under an inline commit (the writer may die any time)
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
+            if self._shm_fd >= 0:
+                os.close(self._shm_fd)
+                self._shm_fd = -1
+
+    def _wal_room(self) -> bool:
+        """Whether a commit now can append to the WAL without syncing: the WAL holds frames
+        not yet checkpointed (so the commit cannot restart the WAL, which syncs its header)
+        and fewer than the checkpoint threshold (so the writer thread's next commit
+        checkpoints in time). Read from the WAL-index header (mxFrame at byte 16, the
+        checkpoint's nBackfill at byte 96, native byte order: sqlite.org/walformat.html)."""
+        try:
+            head = os.pread(self._shm_fd, 100, 0)
+        except OSError:
+            return False
+        if len(head) < 100:
+            return False
+        frames = int.from_bytes(head[16:20], sys.byteorder)
+        backfilled = int.from_bytes(head[96:100], sys.byteorder)
+        return backfilled < frames < _CHECKPOINT_FRAMES
+
+    def _fast_commit(self, cmd: CommitCmd, now: datetime) -> CommitOutcome | None:
+        """Run ``cmd`` on the event loop thread when that is cheaper than the hand-off to the
+        writer thread and cannot block: the writer is idle, the write lock is free (no busy
+        wait), and the commit appends to the WAL without sync or checkpoint. None: it did
+        not start (nothing happened); the caller queues it for the writer thread."""
+        if self._writer_busy or not self._queue.empty() or not self._wal_room():
+            return None
+        if not self._fast_lock.acquire(blocking=False):
+            return None
+        try:
+            conn = self._fast
+            if conn is None:
+                return None
+            if not _lean(cmd):
+                outcome = self._fast_transaction(conn, cmd, now)
+            else:
+                try:
+                    outcome = run_commit(process_commit(cmd, now), _LeanTx(conn))
+                except _Busy:
+                    return None  # nothing was written; the writer waits for the lock
+            if outcome is None:
+                return None
+        finally:
+            self._fast_lock.release()
+        if outcome.max_rev:
+            self.notifier.notify(outcome.max_rev)
+        return outcome
+
+    def _fast_transaction(
+        self, conn: sqlite3.Connection, cmd: CommitCmd, now: datetime
+    ) -> CommitOutcome | None:
+        """An inline commit in a transaction of its own (under _fast_lock)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None  # locked (by our writer or another process): the writer waits
+        try:
+            outcome = run_commit(process_commit(cmd, now), _SqliteTx(conn))
+        except BaseException as exc:
+            self._fast_rollback(conn)
+            error = _store_error(exc, "write")
+            if error is exc:
+                raise
+            raise error from exc
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._fast_rollback(conn)
+            raise _commit_error(exc) from exc
+        return outcome
+
+    def _fast_rollback(self, conn: sqlite3.Connection) -> None:
+        """End a failed inline transaction; if SQLite cannot, retire the inline path (the
+        writer thread serves every commit from then on)."""
+        try:
+            _rollback(conn)
+        except sqlite3.Error:
+            log.warning("the SQLite inline commit connection failed; commits use the writer")
+            self._fast = None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def _fail_queued(self) -> None:
         """Fail every job still queued once the writer stops (none, unless it died)."""
@@ -543,6 +654,12 @@ class SqliteDriver(Driver):
 
     async def commit(self, cmd: CommitCmd) -> None:
         now = self.clock.now()
+        if self._fast is not None:
+            self._refuse()
+            done = self._fast_commit(cmd, now)
+            if done is not None:
+                done.apply()
+                return
         # a fresh generator on every run: the writer may run a job again (see _Job)
         outcome: CommitOutcome = await self._write(
             lambda conn: run_commit(process_commit(cmd, now), _SqliteTx(conn)),
@@ -619,6 +736,7 @@ def _resolve_error(fut: asyncio.Future[Any], exc: BaseException) -> None:
 
 # SQLite's primary result codes that mean the file cannot be read or written now, as opposed to
 # a statement or value SQLite refused (https://sqlite.org/rescode.html).
+_SQLITE_BUSY = 5
 _SQLITE_FULL = 13
 _STORE_CODES = frozenset(
     {
@@ -697,8 +815,8 @@ def _max_rev(conn: sqlite3.Connection) -> int:
 
 def _get_state(conn: sqlite3.Connection, state_id: str, rev: int) -> State:
     if rev == 0:
-        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states "
-        sql += "WHERE rev = (SELECT rev FROM flowstate_latest WHERE id = ?)"
+        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE id = ? "
+        sql += "ORDER BY rev DESC LIMIT 1"
         row = conn.execute(sql, (state_id,)).fetchone()
     else:
         sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE rev = ? AND id = ?"
@@ -750,27 +868,28 @@ def _arm(
     desc: bool,
 ) -> tuple[str, list[Any]]:
     """SQL for the revs after ``after`` (at most ``limit``, in rev order) that ``table`` holds
-    with every pair of ``pairs`` (``table``: a label table, or flowstate_latest without
-    pairs) and that pass the time filter. One index range on ``table``, in rev order; the other
-    pairs and the time are checked per candidate by primary key."""
+    with every pair of ``pairs`` (``table``: one of the label tables) and that pass the time
+    filter. One index range on ``table``, in rev order; the other pairs, the time and (for
+    flowstate_latest_labels) being the latest version are checked per candidate by key."""
+    latest = table == "flowstate_latest_labels"
     sql = f"SELECT l.rev FROM {table} l"
-    if since_ms is not None:
+    if since_ms is not None or latest:
         sql += " CROSS JOIN flowstate_states s"
-    where: list[str] = ["l.rev > ?"]
-    args: list[Any] = [after]
-    if pairs:
-        (key, value), rest = pairs[0], pairs[1:]
-        where[:0] = ["l.key = ?", "l.value = ?"]
-        args[:0] = [key, value]
-        for key, value in rest:
-            where.append(
-                f"EXISTS (SELECT 1 FROM {table} m WHERE m.key = ? AND m.value = ? "
-                "AND m.rev = l.rev)"
-            )
-            args += [key, value]
+    (key, value), rest = pairs[0], pairs[1:]
+    where = ["l.key = ?", "l.value = ?", "l.rev > ?"]
+    args: list[Any] = [key, value, after]
+    for key, value in rest:
+        where.append(
+            f"EXISTS (SELECT 1 FROM {table} m WHERE m.key = ? AND m.value = ? AND m.rev = l.rev)"
+        )
+        args += [key, value]
+    if since_ms is not None or latest:
+        where.append("s.rev = l.rev")
     if since_ms is not None:
-        where += ["s.rev = l.rev", "s.committed_at >= ?"]
+        where.append("s.committed_at >= ?")
         args.append(since_ms)
+    if latest:  # an entry the single-statement commit left behind is not the latest (_LeanTx)
+        where.append("s.rev = (SELECT max(x.rev) FROM flowstate_states x WHERE x.id = s.id)")
     sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY l.rev{' DESC' if desc else ''} LIMIT ?"
     args.append(limit)
@@ -793,21 +912,19 @@ def _select(
     work is the rows returned plus the candidates the other filters reject (see
     docs/sqlite.md)."""
     order = " DESC" if desc else ""
-    if not sets and not latest:
-        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states WHERE rev > ?"
+    if not sets:
+        sql = f"SELECT {_STATE_COLUMNS} FROM flowstate_states s WHERE rev > ?"
         args: list[Any] = [after]
         if since_ms is not None:
             sql += " AND committed_at >= ?"
             args.append(since_ms)
+        if latest:  # reads the superseded versions on the way (see docs/sqlite.md)
+            sql += " AND rev = (SELECT max(x.rev) FROM flowstate_states x WHERE x.id = s.id)"
         sql += f" ORDER BY rev{order} LIMIT ?"
         return conn.execute(sql, [*args, limit]).fetchall()
     table = "flowstate_latest_labels" if latest else "flowstate_labels"
     arms: list[str] = []
     args = []
-    if not sets:
-        arm, arm_args = _arm("flowstate_latest", [], since_ms, after, limit, desc)
-        arms.append(arm)
-        args += arm_args
     for labels in sets:
         pairs = _by_selectivity(conn, table, labels, after)
         arm, arm_args = _arm(table, pairs, since_ms, after, limit, desc)
@@ -821,16 +938,36 @@ def _select(
     return conn.execute(sql, [*args, limit]).fetchall()
 
 
-def _time_floor(conn: sqlite3.Connection, since_ms: int) -> int | None:
+def _time_floor(conn: sqlite3.Connection, since_ms: int, head: int) -> int | None:
     """A rev below every version committed at or after ``since_ms`` (None: there is none).
-    committed_max is monotone in rev, so the first index entry at or above the time is the
-    first rev that can match, even if the clock went backwards at some commit."""
-    row = conn.execute(
-        "SELECT rev FROM flowstate_states WHERE committed_max >= ? "
-        "ORDER BY committed_max, rev LIMIT 1",
-        (since_ms,),
-    ).fetchone()
-    return None if row is None else int(row[0]) - 1
+
+    committed_max is monotone in rev, so a binary search over the revs finds the first rev
+    that reaches ``since_ms`` in about log2(head) primary-key lookups, even if the clock went
+    backwards at some commit (a version after it with an older time is filtered per row)."""
+
+    def reached(rev: int) -> tuple[int, bool]:
+        """The last rev at or below ``rev`` (0: none), and whether it reaches since_ms."""
+        row = conn.execute(
+            "SELECT rev, committed_max FROM flowstate_states WHERE rev <= ? "
+            "ORDER BY rev DESC LIMIT 1",
+            (rev,),
+        ).fetchone()
+        if row is None:
+            return 0, False
+        return row[0], row[1] is not None and row[1] >= since_ms
+
+    hi, ok = reached(head)
+    if not ok:
+        return None
+    lo = 0  # every rev at or below lo misses since_ms; hi reaches it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        rev, ok = reached(mid)
+        if ok:
+            hi = rev
+        else:
+            lo = mid
+    return hi - 1
 
 
 def _get_states(conn: sqlite3.Connection, cmd: GetStatesCmd) -> GetStatesResult:
@@ -841,7 +978,7 @@ def _get_states(conn: sqlite3.Connection, cmd: GetStatesCmd) -> GetStatesResult:
         head = _max_rev(conn)
         floor = 0
         if since_ms is not None:
-            time_floor = _time_floor(conn, since_ms)
+            time_floor = _time_floor(conn, since_ms, head)
             if time_floor is None:
                 return GetStatesResult([], False, head)
             floor = time_floor
@@ -883,16 +1020,13 @@ def _insert_data(conn: sqlite3.Connection, annotations: str, blob: bytes) -> int
     return int(cur.lastrowid or 0)
 
 
-_SELECT_LATEST = "SELECT rev, labelled FROM flowstate_latest WHERE id = ?"
+# the rev check, and the labels that leave flowstate_latest_labels with the old latest version
+_SELECT_LATEST = "SELECT rev, labels FROM flowstate_states WHERE id = ? ORDER BY rev DESC LIMIT 1"
 # committed_max: the greatest committed_at up to this rev (see SCHEMA)
 _INSERT_STATE = (
     "INSERT INTO flowstate_states (id, committed_at, annotations, labels, transition_to, "
     "transition_annotations, committed_max) VALUES (?, ?, ?, ?, ?, ?, max(?, ifnull("
     "(SELECT committed_max FROM flowstate_states ORDER BY rev DESC LIMIT 1), 0)))"
-)
-_UPSERT_LATEST = (
-    "INSERT INTO flowstate_latest (id, rev, labelled) VALUES (?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, labelled = excluded.labelled"
 )
 
 
@@ -925,12 +1059,10 @@ class _SqliteTx:
             ),
         )
         state.rev = rev = int(cur.lastrowid or 0)
-        conn.execute(_UPSERT_LATEST, (state.id, rev, 1 if labels else 0))
-        if latest is not None and latest[1]:  # the old latest version's labels leave the index
-            old = conn.execute("SELECT labels FROM flowstate_states WHERE rev = ?", (latest[0],))
+        if latest is not None and latest[1] != "{}":  # its labels leave the latest index
             conn.executemany(
                 "DELETE FROM flowstate_latest_labels WHERE key = ? AND value = ? AND rev = ?",
-                [(k, v, latest[0]) for k, v in loads_map(old.fetchone()[0]).items()],
+                [(k, v, latest[0]) for k, v in loads_map(latest[1]).items()],
             )
         if labels:
             pairs = [(k, v, rev) for k, v in labels.items()]
@@ -962,3 +1094,62 @@ class _SqliteTx:
 
     def delay(self, delayed: DelayedState) -> int:
         return _insert_delayed(self.conn, delayed)
+
+
+# The rev check and the insert in one statement: run alone (autocommit) it is a transaction.
+_INSERT_CHECKED = (
+    "INSERT INTO flowstate_states (id, committed_at, annotations, labels, transition_to, "
+    "transition_annotations, committed_max) SELECT ?1, ?2, ?3, '{}', ?4, ?5, max(?2, ifnull("
+    "(SELECT committed_max FROM flowstate_states ORDER BY rev DESC LIMIT 1), 0)) "
+    "WHERE ifnull((SELECT max(rev) FROM flowstate_states WHERE id = ?1), 0) = ?6"
+)
+
+
+class _Busy(Exception):
+    """The write lock is held elsewhere: the single-statement commit did not start."""
+
+
+class _LeanTx(_SqliteTx):
+    """The CommitTx of a commit that is one unlabelled park or transit of a state whose
+    committed version has no labels either (see :func:`_lean`): its one write is one
+    statement, run in autocommit mode, so the commit needs no BEGIN and COMMIT statements.
+
+    The committed labels are the caller's word for the stored latest version's labels (the
+    rev check makes it that version). Were they wrong, that version's flowstate_latest_labels
+    entries would stay behind; latest_only queries check every candidate against the log, so
+    such an entry costs a lookup, never a wrong result."""
+
+    __slots__ = ()
+
+    def commit_state(self, state: State, expected_rev: int) -> bool:
+        assert state.committed_at is not None and not state.labels
+        at = to_millis(state.committed_at)
+        args = (
+            state.id,
+            at,
+            dumps_map(state.annotations),
+            state.transition.to,
+            dumps_map(state.transition.annotations),
+            expected_rev,
+        )
+        try:
+            cur = self.conn.execute(_INSERT_CHECKED, args)
+        except sqlite3.Error as exc:
+            if _code(exc) == _SQLITE_BUSY:
+                raise _Busy from exc
+            # the statement was the whole transaction, its commit included
+            raise _commit_error(exc) if _code(exc) in _STORE_CODES else exc from exc
+        if cur.rowcount != 1:
+            return False
+        state.rev = int(cur.lastrowid or 0)
+        return True
+
+
+def _lean(cmd: CommitCmd) -> bool:
+    """Whether ``cmd`` stores one version without labels and touches nothing else."""
+    if len(cmd.commands) != 1:
+        return False
+    sub = cmd.commands[0]
+    if type(sub) is not TransitCmd and type(sub) is not ParkCmd:
+        return False
+    return not sub.ctx.current.labels and not sub.ctx.committed.labels
