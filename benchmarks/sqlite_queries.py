@@ -71,18 +71,22 @@ async def _build(driver: fs.SqliteDriver, revisions: int) -> None:
             await driver.commit(fs.commit(fs.park(ctx)))
 
 
-async def _time(fn: Callable[[], Awaitable[Any]], n: int, budget: float) -> list[float]:
-    """Milliseconds of up to ``n`` runs of ``fn`` (fewer if ``budget`` seconds run out)."""
+async def _time(
+    fn: Callable[[], Awaitable[Any]], n: int, budget: float
+) -> tuple[list[float], float]:
+    """Milliseconds of up to ``n`` runs of ``fn`` (fewer if ``budget`` seconds run out), and
+    the process CPU milliseconds per run (both threads: a steadier figure on a busy machine)."""
     await fn()  # warm the reader's connection and page cache
     out: list[float] = []
     deadline = time.perf_counter() + budget
+    cpu0 = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         await fn()
         out.append((time.perf_counter() - t0) * 1000)
         if time.perf_counter() > deadline:
             break
-    return out
+    return out, (time.process_time() - cpu0) * 1000 / len(out)
 
 
 async def _measure(revisions: int, path: str, n: int, budget: float) -> dict[str, float]:
@@ -130,9 +134,10 @@ async def _measure(revisions: int, path: str, n: int, budget: float) -> dict[str
         }
         out: dict[str, float] = {"revisions": float(head)}
         for name, fn in queries.items():
-            ms = await _time(fn, n, budget)
+            ms, cpu = await _time(fn, n, budget)
             out[f"{name}_median_ms"] = percentile(ms, 50)
             out[f"{name}_p99_ms"] = percentile(ms, 99)
+            out[f"{name}_cpu_ms"] = cpu
             out[f"{name}_runs"] = float(len(ms))
         return out
     finally:
@@ -144,7 +149,8 @@ def measure(revisions: int, path: str | None = None) -> dict[str, float]:
 
     ``path``: a store file to reuse (built there first if it does not exist yet); without it
     the store is built in a temporary directory and deleted afterwards. Keys are
-    ``<query>_median_ms``, ``<query>_p99_ms`` and ``<query>_runs`` for ``latest_labels``
+    ``<query>_median_ms``, ``<query>_p99_ms``, ``<query>_cpu_ms`` (process CPU per run) and
+    ``<query>_runs`` for ``latest_labels``
     (latest_only + a rare label, limit 50), ``by_labels`` (get_state_by_labels on a unique
     label), ``since_time`` (limit 50, since 90 % into the log), ``labels`` (a rare label, limit
     50) and a few variants, plus ``revisions``.
@@ -166,8 +172,8 @@ def main(argv: list[str]) -> None:
         print(f"{revisions:>9,} revisions ({time.perf_counter() - t0:.0f} s incl. build)")
         names = sorted({k.rsplit("_", 2)[0] for k in r if k.endswith("_median_ms")})
         for name in names:
-            med, p99 = r[f"{name}_median_ms"], r[f"{name}_p99_ms"]
-            print(f"  {name:<22} median {med:9.3f} ms   p99 {p99:9.3f} ms")
+            med, p99, cpu = r[f"{name}_median_ms"], r[f"{name}_p99_ms"], r[f"{name}_cpu_ms"]
+            print(f"  {name:<22} median {med:9.3f} ms   p99 {p99:9.3f} ms   cpu {cpu:9.3f} ms")
         sys.stdout.flush()
 
 

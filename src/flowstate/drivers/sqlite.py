@@ -3,7 +3,13 @@
 Threads: one writer thread owns the write connection and runs commits in batches: every commit
 waiting when the writer becomes free joins one transaction (each in its own savepoint, so one
 commit's conflict does not affect the others) and the batch pays for one fsync. Reads run on a
-small pool of reader threads. No SQLite call runs on the event loop thread.
+small pool of reader threads. The one SQLite call that may run on the event loop thread is a
+commit on NORMAL or OFF when it can neither wait nor sync: the writer is idle, the write lock is
+free and the WAL has room, so the COMMIT only appends to the WAL (``_fast_commit``; the hand-off
+to the writer costs more than such a commit). Checkpoints always run on the writer thread.
+
+The schema, the upgrade of older files, how each query uses the indexes and what a commit
+costs are in docs/sqlite.md.
 
 A write SQLite cannot make (full disk, I/O error) fails with StoreWriteError and changes
 nothing; the writer lives on. See docs/sqlite-faults.md for every outcome off the happy path.
