@@ -230,3 +230,18 @@ async def test_shutdown_lets_requests_in_flight_finish(serve: Any) -> None:
         await stopping
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health")
+
+
+def test_an_oversized_request_head_is_refused(serve: Any) -> None:
+    """httptools has no limit of its own on a request head: over 64 KiB is a 400 and the end
+    of that connection; the server goes on serving."""
+    server = serve(fs.MemoryDriver())
+    body = codec.encode_command(fs.get_states())
+    with httpx.Client(base_url=server.url, timeout=30.0) as http:
+        assert http.post(DRIVER + "GetStates", content=body).status_code == 200
+        r = http.post(DRIVER + "GetStates", content=body, headers={"x-big": "a" * 100_000})
+        assert r.status_code in (400, 431)  # uvicorn: 400, hypercorn: 431
+        many = {f"x-{i}": "b" * 90 for i in range(1000)}
+        r = http.post(DRIVER + "GetStates", content=body, headers=many)
+        assert r.status_code in (400, 431)  # uvicorn: 400, hypercorn: 431
+        assert http.post(DRIVER + "GetStates", content=body).status_code == 200

@@ -267,8 +267,10 @@ async def serve_app(
 
 #: The client preface that opens an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: The most a connection's first request head may take before it is handed to HTTP/1.1 as is.
-_SNIFF_LIMIT = 64 * 1024
+#: The most a request head (request line and headers) may take: a longer one is refused with
+#: 400 and its connection closed (hypercorn's h11 limit was 16 KiB; httptools has none).
+MAX_HEAD = 64 * 1024
+_SNIFF_LIMIT = MAX_HEAD
 
 
 def first_protocol(buffer: bytes) -> str | None:
@@ -306,11 +308,34 @@ async def _serve_split(
 ) -> None:
     """HTTP/1.1 by uvicorn's httptools protocol, HTTP/2 (prior knowledge or ``Upgrade: h2c``)
     by hypercorn, on one socket: each connection goes to one of them by its first bytes."""
+    import httptools
     import uvicorn
     from hypercorn.asyncio.tcp_server import TCPServer
     from hypercorn.asyncio.worker_context import WorkerContext
     from hypercorn.utils import wrap_app
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class H1(HttpToolsProtocol):
+        """uvicorn's protocol with a bound on the request head."""
+
+        _head = 0
+
+        def _count(self, size: int) -> None:
+            self._head += size
+            if self._head > MAX_HEAD:
+                raise httptools.HttpParserError(f"request head over {MAX_HEAD} bytes")
+
+        def on_message_begin(self) -> None:
+            self._head = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
 
     _fix_hypercorn_h2()
     loop = asyncio.get_running_loop()
@@ -350,7 +375,7 @@ async def _serve_split(
                 return
             self.buffer = b""
             if kind == "h1":
-                h1 = HttpToolsProtocol(self.config, self.server_state, self.app_state, loop)
+                h1 = H1(self.config, self.server_state, self.app_state, loop)
                 transport.set_protocol(h1)
                 h1.connection_made(transport)
                 h1.data_received(buffer)
@@ -383,6 +408,7 @@ async def _serve_split(
     config = uvicorn.Config(
         app,
         http=FirstBytes,
+        ws="none",
         lifespan="on",
         log_config=None,
         access_log=False,
