@@ -206,3 +206,42 @@ async def test_a_label_entry_left_by_a_single_statement_commit_is_never_returned
         r = await normal.get_states(cmd)
         assert r.states == [] and not r.more  # ...and never returned as the latest version
     assert (await normal.get_state("s", 0)).labels == {}
+
+
+async def test_disk_full_on_a_single_statement_commit_fails_cleanly_and_recovers(
+    tmpfs: Path,  # noqa: F811
+) -> None:
+    driver = SmallCacheDriver(tmpfs / "lean.db", synchronous="NORMAL")
+    await within(driver.open())
+    try:
+        free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+        filler = tmpfs / "filler"
+        filler.write_bytes(b"\0" * max(0, free - 400 * 1024))
+        pad = {"pad": "x" * 8000}
+        ok: dict[str, int] = {}
+        failed: dict[str, BaseException] = {}
+        i = 0
+        while len(failed) < 5 and i < 2000:
+            ctx = fs.StateCtx(current=fs.State(id=f"s{i}", annotations=dict(pad)))
+            try:
+                await within(driver.commit(fs.commit(fs.park(ctx))))  # one statement
+                ok[ctx.current.id] = ctx.committed.rev
+            except fs.FlowstateError as exc:
+                failed[ctx.current.id] = exc
+            i += 1
+        assert failed, "the disk never filled up"
+        assert all(isinstance(e, fs.StoreUnavailableError) for e in failed.values()), failed
+        for sid, rev in ok.items():
+            got = await stored(driver, sid)
+            assert got is not None and got.rev == rev
+        for sid, exc in failed.items():
+            if isinstance(exc, fs.StoreWriteError):
+                assert await stored(driver, sid) is None, f"{sid} failed with {exc!r}"
+        assert driver.unavailable() is None
+        filler.unlink()
+        ctx = fs.StateCtx(current=fs.State(id="after", annotations=dict(pad)))
+        await within(driver.commit(fs.commit(fs.park(ctx))))
+        assert (await stored(driver, "after")) is not None
+    finally:
+        await within(driver.close())
+    assert not sqlite_threads()

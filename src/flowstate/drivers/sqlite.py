@@ -743,6 +743,7 @@ def _resolve_error(fut: asyncio.Future[Any], exc: BaseException) -> None:
 # SQLite's primary result codes that mean the file cannot be read or written now, as opposed to
 # a statement or value SQLite refused (https://sqlite.org/rescode.html).
 _SQLITE_BUSY = 5
+_SQLITE_IOERR = 10
 _SQLITE_FULL = 13
 _STORE_CODES = frozenset(
     {
@@ -751,7 +752,7 @@ _STORE_CODES = frozenset(
         7,  # NOMEM
         8,  # READONLY
         9,  # INTERRUPT
-        10,  # IOERR
+        _SQLITE_IOERR,
         11,  # CORRUPT
         _SQLITE_FULL,
         14,  # CANTOPEN
@@ -1141,10 +1142,15 @@ class _LeanTx(_SqliteTx):
         try:
             cur = self.conn.execute(_INSERT_CHECKED, args)
         except sqlite3.Error as exc:
-            if _code(exc) == _SQLITE_BUSY:
+            code = _code(exc)
+            if code == _SQLITE_BUSY:
                 raise _Busy from exc
-            # the statement was the whole transaction, its commit included
-            raise _commit_error(exc) if _code(exc) in _STORE_CODES else exc from exc
+            if code == _SQLITE_IOERR:  # the statement was the transaction, its commit included
+                raise _commit_error(exc) from exc
+            error = _store_error(exc, "write")
+            if error is exc:
+                raise
+            raise error from exc
         if cur.rowcount != 1:
             return False
         state.rev = int(cur.lastrowid or 0)
