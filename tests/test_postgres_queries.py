@@ -9,6 +9,7 @@ log (no ``Seq Scan``, no walk of the log's primary key filtered row by row). Spe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -230,7 +231,9 @@ async def test_a_schema_of_version_5_is_upgraded_in_place(
     async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as new:
         conn = await raw(schema)
         try:
-            assert await conn.fetchval("SELECT max(version) FROM flowstate_migrations") == 6
+            assert await conn.fetchval("SELECT max(version) FROM flowstate_migrations") == max(
+                m[0] for m in shipped
+            )
             stale = await conn.fetchval(
                 "SELECT count(*) FROM flowstate_latest l JOIN flowstate_states s "
                 "ON s.rev = l.rev WHERE l.labels IS DISTINCT FROM s.labels"
@@ -262,3 +265,35 @@ async def test_a_schema_of_version_5_is_upgraded_in_place(
         assert [s.rev for s in latest.states] == [26, 29, 31]
         superseded = await query(new, fs.get_states({"step": "s22"}, latest_only=True))
         assert superseded.states == []  # rev 23, no longer s2's latest
+
+
+# item 5: per-commit overhead
+
+
+async def test_a_stream_of_commits_is_announced_by_fewer_notifies_ending_with_the_last(
+    dsn: str, schema: str
+) -> None:
+    """NOTIFYs are at least ``publish_interval`` apart; the revs committed meanwhile are merged
+    into the next, so a stream of commits costs fewer NOTIFYs, and the last rev is always
+    announced."""
+    driver = PostgresDriver(dsn)
+    driver.publish_interval = 0.2
+    got: list[int] = []
+    listener = await asyncpg.connect(pgutil.DSN)
+    try:
+        await listener.add_listener(f"flowstate_{schema}", lambda *a: got.append(int(a[3])))
+        async with fs.Engine(driver, recovery=False, delayer=False) as engine:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            ctx = park_ctx("burst")
+            for _ in range(50):
+                await engine.do(fs.commit(fs.park(ctx)))
+            elapsed = loop.time() - started
+            deadline = loop.time() + 5
+            while (not got or got[-1] < ctx.committed.rev) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        assert got and got[-1] == ctx.committed.rev == 50
+        assert got == sorted(got)
+        assert len(got) <= 2 + elapsed / 0.2, (len(got), elapsed)
+    finally:
+        await listener.close()
