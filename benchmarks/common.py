@@ -125,6 +125,8 @@ async def capped_loop(
         while not state["done"]:
             await op()
             t = time.perf_counter()
+            if state["done"]:  # another worker closed the window while this op ran
+                return
             if not state["measuring"]:
                 state["warm"] += 1
                 if t >= warm_end or (warm_cap is not None and state["warm"] >= warm_cap):

@@ -1061,7 +1061,7 @@ def render_issue13(report: dict[str, Any]) -> list[str]:
                         BACKENDS[b],
                         f"{r['count']:,}",
                         f"{r['complete']}/{r['commits']}"
-                        + (f" ({r['failed_commits']} failed)" if r.get("failed_commits") else ""),
+                        + (f" ({'; '.join(r['errors'])})" if r.get("errors") else ""),
                         _fmt_ms(r["last_p50_ms"]),
                         _fmt_ms(r["last_p99_ms"]),
                         _fmt_ms(r["each_p50_ms"]),
