@@ -245,3 +245,47 @@ async def test_disk_full_on_a_single_statement_commit_fails_cleanly_and_recovers
     finally:
         await within(driver.close())
     assert not sqlite_threads()
+
+
+async def test_commits_of_several_tasks_go_to_the_writer_thread_in_batches(
+    normal: SqliteDriver,
+) -> None:
+    ctxs = [fs.StateCtx(current=fs.State(id=f"w{i}")) for i in range(4)]
+    for ctx in ctxs:
+        await normal.commit(fs.commit(fs.park(ctx)))
+    counting = CountingQueue(normal._queue)
+    normal._queue = counting  # type: ignore[assignment]
+
+    async def worker(ctx: fs.StateCtx) -> None:
+        for _ in range(25):
+            await normal.commit(fs.commit(fs.park(ctx)))
+
+    await asyncio.gather(*(worker(c) for c in ctxs))
+    assert counting.queued >= 90, counting.queued  # interleaved tasks: the writer batches them
+    assert all(c.committed.rev > 0 for c in ctxs)
+
+
+async def test_a_task_committing_in_a_loop_lets_the_loop_run_other_tasks(
+    normal: SqliteDriver,
+) -> None:
+    ctx = fs.StateCtx(current=fs.State(id="s"))
+    for _ in range(3):
+        await normal.commit(fs.commit(fs.park(ctx)))
+    ticks = 0
+    stop = False
+
+    async def other() -> None:
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    bystander = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    start = ticks
+    for _ in range(200):
+        await normal.commit(fs.commit(fs.park(ctx)))
+    stop = True
+    await bystander
+    # inline commits never wait, yet the committing task yields every few commits
+    assert ticks - start >= 200 // 8 - 2, ticks - start
