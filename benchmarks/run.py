@@ -71,6 +71,7 @@ FULL: dict[str, Any] = {
     "delay_lead": 1.0,
     "recovery_n": 10_000,
     "recovery_interval": 1.0,
+    "recovery_timeout": 20.0,
     "repeat": 3,
     "sizes": [0, 100_000, 1_000_000],
     "ll_duration": 1.5,
@@ -100,6 +101,7 @@ SMOKE: dict[str, Any] = {
     "delay_lead": 0.5,
     "recovery_n": 20,
     "recovery_interval": 1.0,
+    "recovery_timeout": 60.0,
     "repeat": 1,
     "sizes": [0, 2_000],
     "ll_duration": 0.05,
@@ -188,6 +190,7 @@ def build_jobs(cfg: dict[str, Any], backends: list[str], dbos: bool) -> list[dic
                 "backend": b,
                 "n": cfg["recovery_n"],
                 "interval": cfg["recovery_interval"],
+                "timeout": cfg["recovery_timeout"],
             }
         )
     secs = cfg["hook_seconds"]
@@ -1309,7 +1312,8 @@ def render(report: dict[str, Any]) -> str:
     out.append(
         f"\n== Recovery: {cfg['recovery_n']:,} stalled states (committed to a flow, never "
         f"executed, already due); a new engine's recoverer (interval "
-        f"{cfg['recovery_interval']:g} s) retries them; time from its start until all parked =="
+        f"{cfg['recovery_interval']:g} s) retries them; time from its start until all parked "
+        f"(given up after {cfg.get('recovery_timeout', 300):g} s: the target is missed by then) =="
     )
     rows = []
     for b in backends:
