@@ -5,6 +5,7 @@ the connection and the other requests on it (issue 14, item 4)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -82,7 +83,13 @@ async def _burst(
         return oks, refused_status
 
 
-BIG = b"\x00" * (256 * 1024)  # over the 64 KiB cap below, more than one h2 window
+# Over the 16 KiB cap below, and within one h2 flow-control window (65,535 bytes): httpcore's h2
+# client can stall a body larger than its window when many streams share the connection (it
+# also did with bodies the server read in full), which would make these tests flaky for a
+# reason of the client's. The server's part for larger bodies (the stream window opened
+# again, see run._fix_hypercorn_h2) is in test_a_large_refused_body_does_not_stall_h2.
+BIG = b"\x00" * 60_000
+CAP = 16 * 1024
 
 
 @pytest.mark.parametrize(
@@ -90,17 +97,17 @@ BIG = b"\x00" * (256 * 1024)  # over the 64 KiB cap below, more than one h2 wind
     [
         (("POST", DRIVER + "Commit", {}, BIG), 413),
         (("POST", DRIVER + "Commit", {"content-type": "text/plain"}, BIG[:1000]), 415),
-        (("POST", DRIVER + "NoSuchMethod", {}, BIG[:50_000]), 404),
-        (("PUT", DRIVER + "Commit", {}, BIG[:50_000]), 405),
-        (("POST", "/nothing/here", {}, BIG[:50_000]), 404),
-        (("POST", DRIVER + "Commit", {}, b"\xff" * 50_000), 400),
+        (("POST", DRIVER + "NoSuchMethod", {}, BIG[:10_000]), 404),
+        (("PUT", DRIVER + "Commit", {}, BIG[:10_000]), 405),
+        (("POST", "/nothing/here", {}, BIG[:10_000]), 404),
+        (("POST", DRIVER + "Commit", {}, b"\xff" * 10_000), 400),
     ],
     ids=["413", "415", "404-method", "405", "404-path", "400"],
 )
 async def test_an_early_refusal_ends_only_its_own_h2_stream(
     refused: tuple[str, str, dict[str, str], bytes], status: int, serve: Any
 ) -> None:
-    server = serve(fs.MemoryDriver(), max_body=64 * 1024)
+    server = serve(fs.MemoryDriver(), max_body=CAP)
     oks, got = await _burst(server.url, refused, {})
     assert got == status
     assert oks == [200] * (SMALL + 1)
@@ -109,7 +116,7 @@ async def test_an_early_refusal_ends_only_its_own_h2_stream(
 async def test_a_refused_token_ends_only_its_own_h2_stream(serve: Any) -> None:
     server = serve(fs.MemoryDriver(), token="t")
     auth = {"authorization": "Bearer t"}
-    refused = ("POST", DRIVER + "Commit", {"authorization": "Bearer wrong"}, BIG[:50_000])
+    refused = ("POST", DRIVER + "Commit", {"authorization": "Bearer wrong"}, BIG[:40_000])
     oks, got = await _burst(server.url, refused, auth)
     assert got == 401
     assert oks == [200] * (SMALL + 1)
@@ -119,7 +126,7 @@ async def test_net_driver_h2_commits_survive_an_oversize_commit(serve: Any) -> N
     """The report of issue 14: one oversize commit among many concurrent small ones over
     ``NetDriver(http2=True)`` must fail alone (413), not turn the others into
     CommitUnknownError."""
-    server = serve(fs.MemoryDriver(), max_body=64 * 1024)
+    server = serve(fs.MemoryDriver(), max_body=CAP)
     net = NetDriver(server.url, http2=True)
     async with fs.Engine(net, recovery=False, delayer=False) as engine:
 
@@ -127,7 +134,7 @@ async def test_net_driver_h2_commits_survive_an_oversize_commit(serve: Any) -> N
             await engine.do(fs.commit(fs.park(fs.StateCtx(current=fs.State(f"s{i}")))))
 
         async def big() -> None:
-            ctx = fs.StateCtx(current=fs.State("big", annotations={"blob": "x" * 100_000}))
+            ctx = fs.StateCtx(current=fs.State("big", annotations={"blob": "x" * 40_000}))
             await engine.do(fs.commit(fs.park(ctx)))
 
         results = await asyncio.gather(
@@ -245,3 +252,92 @@ def test_an_oversized_request_head_is_refused(serve: Any) -> None:
         r = http.post(DRIVER + "GetStates", content=body, headers=many)
         assert r.status_code in (400, 431)  # uvicorn: 400, hypercorn: 431
         assert http.post(DRIVER + "GetStates", content=body).status_code == 200
+
+
+def test_a_connection_that_never_tells_its_protocol_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that sends nothing (or too little to tell HTTP/1.1 from HTTP/2) is closed
+    after FIRST_BYTES_TIMEOUT, as an idle keep-alive connection would be."""
+    from flowstate.server import run
+
+    monkeypatch.setattr(run, "FIRST_BYTES_TIMEOUT", 0.2)
+    server = BackgroundServer(create_app(fs.MemoryDriver()), stack="uvicorn")
+    server.start()
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        for first in (b"", b"GET / HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection((host, int(port)), timeout=30) as conn:
+                conn.sendall(first)
+                assert conn.recv(1024) == b""  # closed by the server, without an answer
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_large_refused_body_does_not_stall_h2(serve: Any) -> None:
+    """A 1 MiB body refused with 413 at once, over an h2 client of our own (the h2 library
+    directly, sending as the flow-control windows allow): the server keeps giving the refused
+    stream window until the client has sent it all, the commit beside it succeeds, and the
+    connection serves another request afterwards."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server = serve(fs.MemoryDriver(), max_body=CAP)
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+
+    def headers(length: int) -> list[tuple[str, str]]:
+        return [
+            (":method", "POST"),
+            (":path", DRIVER + "Commit"),
+            (":scheme", "http"),
+            (":authority", f"{host}:{port}"),
+            ("content-length", str(length)),
+        ]
+
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+
+        def pump() -> None:
+            sock.sendall(conn.data_to_send())
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            for event in conn.receive_data(data):
+                assert not isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated)
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+
+        conn.initiate_connection()
+        big, body, sent = 1, b"\x00" * 2**20, 0
+        conn.send_headers(big, headers(len(body)))
+        small = 3
+        commit = _commit_body(1)
+        conn.send_headers(small, headers(len(commit)))
+        conn.send_data(small, commit, end_stream=True)
+        while sent < len(body) or not {big, small} <= ended:
+            while sent < len(body):
+                window = min(conn.local_flow_control_window(big), conn.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = body[sent : sent + window]
+                sent += len(chunk)
+                conn.send_data(big, chunk, end_stream=sent == len(body))
+            sock.sendall(conn.data_to_send())
+            if sent == len(body) and {big, small} <= ended:
+                break
+            pump()
+        assert statuses == {big: 413, small: 200}
+
+        again = 5
+        conn.send_headers(again, headers(len(_commit_body(2))))
+        conn.send_data(again, _commit_body(2), end_stream=True)
+        while again not in ended:
+            pump()
+        assert statuses[again] == 200

@@ -179,19 +179,48 @@ def hypercorn_config(sock: socket.socket) -> Config:
     return config
 
 
+#: The most an h2 client may still send for a stream that was answered before its body was
+#: read: it is read and dropped (so that the client can finish sending and read the answer);
+#: past this the stream is reset.
+DRAIN_LIMIT = 64 * 2**20
+
+
 class _GoneStream:
-    """Stands for a stream hypercorn has forgotten: whatever still arrives for it is dropped."""
+    """Stands for a stream hypercorn has forgotten (answered and closed on our side while the
+    client still sends its body): what arrives is dropped; past DRAIN_LIMIT the stream is
+    reset."""
+
+    __slots__ = ("protocol", "stream_id")
+
+    def __init__(self, protocol: Any, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
 
     async def handle(self, event: object) -> None:
-        return None
+        import h2.errors
+        import h2.exceptions
+
+        streams: _Streams = self.protocol.streams
+        data = getattr(event, "data", None)
+        if data is None:  # the end of the body (or of the stream)
+            streams.drained.pop(self.stream_id, None)
+            return
+        drained = streams.drained.get(self.stream_id, 0) + len(data)
+        streams.drained[self.stream_id] = drained
+        if drained > DRAIN_LIMIT:
+            streams.drained.pop(self.stream_id, None)
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.protocol.connection.reset_stream(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
 
 class _Streams(dict[int, Any]):
+    def __init__(self, protocol: Any, streams: dict[int, Any]) -> None:
+        super().__init__(streams)
+        self.protocol = protocol
+        self.drained: dict[int, int] = {}
+
     def __missing__(self, stream_id: int) -> _GoneStream:
-        return _GONE
-
-
-_GONE = _GoneStream()
+        return _GoneStream(self.protocol, stream_id)
 
 
 def _fix_hypercorn_h2() -> None:
@@ -201,9 +230,10 @@ def _fix_hypercorn_h2() -> None:
     the stream) the client still sends for it, the rest of a body refused with 401, 404, 405
     or 413, then raise KeyError in ``H2Protocol._handle_events``, which ends the connection
     and every other stream on it (issue 14, item 4). With the streams in a mapping that
-    answers a forgotten id with a stream that drops what it is handed, hypercorn's own code
-    goes on: it acknowledges the data (the client can finish sending, then reads the answer)
-    and the other streams are untouched. Idempotent.
+    answers a forgotten id with a :class:`_GoneStream`, hypercorn's own code goes on (it
+    acknowledges the data on the connection); the stream's own window is opened by
+    DRAIN_LIMIT when it closes, so the client can finish sending and read its answer; the
+    other streams are untouched. Idempotent.
     """
     from hypercorn.protocol.h2 import H2Protocol
 
@@ -211,14 +241,30 @@ def _fix_hypercorn_h2() -> None:
     if getattr(original, "_flowstate_fix", False):
         return
 
+    import h2.exceptions
+    from h2.stream import StreamState
+
     def init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         streams = getattr(self, "streams", None)
         if type(streams) is dict:
-            self.streams = _Streams(streams)
+            self.streams = _Streams(self, streams)
+
+    original_close = H2Protocol._close_stream
+
+    async def close_stream(self: H2Protocol, stream_id: int) -> None:
+        await original_close(self, stream_id)
+        # Answered while the client still sends: h2 reopens no window of a stream whose
+        # answer is complete, so the client would wait for one forever. Open it wide once.
+        stream = self.connection.streams.get(stream_id)
+        if stream is not None and stream.state_machine.state == StreamState.HALF_CLOSED_LOCAL:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.connection.increment_flow_control_window(DRAIN_LIMIT, stream_id=stream_id)
+                await self._flush()
 
     init._flowstate_fix = True  # type: ignore[attr-defined]
     H2Protocol.__init__ = init  # type: ignore[method-assign]
+    H2Protocol._close_stream = close_stream  # type: ignore[method-assign]
 
 
 #: The HTTP servers ``serve_app`` can run, and the one it runs unless
@@ -271,6 +317,9 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: 400 and its connection closed (hypercorn's h11 limit was 16 KiB; httptools has none).
 MAX_HEAD = 64 * 1024
 _SNIFF_LIMIT = MAX_HEAD
+#: Seconds a new connection may take to send enough of its first request to tell HTTP/1.1 from
+#: HTTP/2 (as long as an idle keep-alive connection is kept).
+FIRST_BYTES_TIMEOUT = 75.0
 
 
 def first_protocol(buffer: bytes) -> str | None:
@@ -300,6 +349,12 @@ def hypercorn_settings() -> Config:
     config.keep_alive_max_requests = 2**62  # never GOAWAY a busy h2 connection mid-flight
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    # hypercorn hands a request's body to the app through a queue of this many chunks, and
+    # waits, with the whole h2 connection, while it is full: a stream answered before its
+    # body was read (401, 404, 405, 413) would then stall every other stream for good. Our
+    # handlers read the body at once and cap it at max_body; what arrives for a stream
+    # already answered is dropped (_fix_hypercorn_h2).
+    config.max_app_queue_size = 2**30
     return config
 
 
@@ -362,9 +417,12 @@ async def _serve_split(
             self.config, self.server_state, self.app_state = config, server_state, app_state
             self.buffer = b""
             self.transport: asyncio.Transport | None = None
+            self.timer: asyncio.TimerHandle
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+            # as idle keep-alive connections: one that never tells its protocol is closed
+            self.timer = loop.call_later(FIRST_BYTES_TIMEOUT, transport.close)
 
         def data_received(self, data: bytes) -> None:
             buffer = self.buffer + data
@@ -374,6 +432,7 @@ async def _serve_split(
                 self.buffer = buffer
                 return
             self.buffer = b""
+            self.timer.cancel()
             if kind == "h1":
                 h1 = H1(self.config, self.server_state, self.app_state, loop)
                 transport.set_protocol(h1)
@@ -395,6 +454,7 @@ async def _serve_split(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.transport = None
+            self.timer.cancel()
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
