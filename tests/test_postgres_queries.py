@@ -1,5 +1,5 @@
-"""Issue 13 (items 1 and 2) on PostgreSQL: how far a query looked (``scanned_rev``), and read
-queries served by indexes whatever the size of the log.
+"""Issue 13 on PostgreSQL: how far a query looked (``scanned_rev``, item 1), read queries
+served by indexes whatever the size of the log (item 2), and fewer NOTIFYs per commit (item 5).
 
 The plan tests look at ``EXPLAIN`` of the exact SQL the driver sends, on a table of 100,000
 revisions with statistics on every row: a legitimate non-timing check that nothing walks the

@@ -11,6 +11,10 @@ marks in ``pg_locks``) and then, in a later statement, shows only rows below it.
 therefore never delivers rev N and later discovers a lower rev, and only this store's own
 in-flight commits hold it back: transactions of other applications do not (docs/postgres.md).
 
+Read queries run through ``flowstate_query_states``, which plans each with its label sets and
+time in view (schema version 6): ``latest_only`` pages are read from the latest rows and their
+indexes, ``since_time`` pages start after the last time mark below their time.
+
 Watchers are woken by LISTEN/NOTIFY. Commits do not notify inside their transaction (a
 notifying transaction holds a cluster-wide lock through its WAL flush); after they return, one
 task per driver sends the highest new rev. While someone waits, the head is also polled every
@@ -964,17 +968,17 @@ def states_query(cmd: GetStatesCmd, bound: int = NO_HORIZON) -> tuple[str, list[
     """The SQL and arguments of a get_states page (limit + 1 rows, to know ``more``) showing
     only revs below ``bound``, a read horizon computed before the statement runs. The SQL takes
     two arguments, the numbers and the label sets (only the first when there are no label
-    sets); the driver runs it through
-    ``flowstate_query_states`` (it runs as it is too: EXPLAIN)."""
+    sets); the driver runs it through ``flowstate_query_states`` (it runs as it is too:
+    EXPLAIN)."""
     sets = [dumps_map(labels) for labels in cmd.labels] if cmd.labels and all(cmd.labels) else []
     if len(sets) > MAX_LABEL_SETS:
         raise ValidationError("labels", f"at most {MAX_LABEL_SETS} label sets in one query")
     at = to_millis(cmd.since_time) if cmd.since_time is not None else None
     nums = [bound, max(cmd.since_rev, 0), at or 0]
 
-    def filters(alias: str, labels: str | None = None) -> list[str]:
-        """The label and time filters on ``alias`` (labels read from ``labels``)."""
-        where = _label_filter(f"{labels or alias}.labels", len(sets))
+    def filters(alias: str) -> list[str]:
+        """The label and time filters on the versions ``alias``."""
+        where = _label_filter(f"{alias}.labels", len(sets))
         if at is not None:
             where.append(f"{alias}.committed_at >= {_TIME}")
         return where
