@@ -119,6 +119,9 @@ async def test_scanned_rev_never_passes_an_in_flight_commit(dsn: str, schema: st
 #: pages above it, with room to spare. A walk of the log touches tens of thousands.
 BUFFERS_LIMIT = 3_000
 REVISIONS = 100_000
+#: The same for a since_time page: the time marks leave at most about two blocks of 1,024 revs
+#: to walk before the time (version 5 walked 50,000 versions from the middle: 1,177 buffers).
+SINCE_BUFFERS_LIMIT = 600
 
 
 @pytest.fixture
@@ -193,7 +196,7 @@ async def test_since_time_pages_start_at_their_time(big: tuple[asyncpg.Connectio
             sql, args = states_query(cmd, bound)
             plan, touched = await explain(conn, sql, args)
             assert "Seq Scan" not in plan, plan
-            assert touched < BUFFERS_LIMIT, (fraction, plan)
+            assert touched < SINCE_BUFFERS_LIMIT, (fraction, plan)
 
 
 async def test_get_state_by_labels_uses_an_index(big: tuple[asyncpg.Connection, int]) -> None:
