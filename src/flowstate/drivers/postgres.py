@@ -80,9 +80,10 @@ T = TypeVar("T")
 _COLUMNS = "rev, id, committed_at, annotations, labels, transition_to, transition_annotations"
 _HEAD_SQL = "SELECT flowstate_head()"
 #: The read horizon: (bound, allocated); waits up to $2 ms for bound to pass rev $1.
-_BOUND_SQL = "SELECT bound, allocated FROM flowstate_rev_bound_after($1, $2)"
+#: A get_states page (schema version 8): a header row (the read horizon, the allocated head,
+#: the highest time mark), then the rows of the query ``$4`` below the horizon.
+_READ_SQL = "SELECT * FROM flowstate_read_states($1, $2, $3, $4, $5, $6)"
 _OFFSET_BOUND_SQL = "SELECT flowstate_offset_bound()"
-_EXTEND_MARKS_SQL = "SELECT flowstate_extend_time_marks($1)"
 _IN_FLIGHT_SQL = (
     "SELECT first_value, pid, xact_start, application_name, state, "
     "extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age "
@@ -226,7 +227,8 @@ class _Phase:
 
 
 def _row_state(row: Any) -> State:
-    rev, sid, at, ann, labels, to, tann = row
+    """The state of a row whose first columns are _COLUMNS (a page row has more after them)."""
+    rev, sid, at, ann, labels, to, tann = row[0], row[1], row[2], row[3], row[4], row[5], row[6]
     transition = Transition(to, json.loads(tann))
     return State(sid, rev, json.loads(ann), json.loads(labels), from_millis(at), transition)
 
@@ -313,7 +315,7 @@ class PostgresDriver(Driver):
         self._waited_in_vain = 0
         self._published = 0  # the highest rev announced to other processes
         self._published_at = float("-inf")  # when (loop time) it was
-        self._marked = -1  # the highest time mark known to exist (see _mark_times)
+        self._marked = -1  # the highest time mark known to exist (see get_states)
         self._marks_refused = False
         self._publisher: asyncio.Task[None] | None = None
 
@@ -685,47 +687,47 @@ class PostgresDriver(Driver):
         return await self._read(lambda conn: _get_state_by_labels(conn, labels), "labels")
 
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        """A page of the log in one round trip: ``flowstate_read_states`` computes the read
+        horizon and then, in a later statement, reads the rows below it (schema version 8)."""
         own = self._own_rev
+        sql, args = states_query(cmd)  # the server puts the horizon in place of NO_HORIZON
+        nums, sets = args[0], args[1] if len(args) > 1 else []
 
         async def run(conn: asyncpg.Connection) -> GetStatesResult:
-            bound = await self._bound(conn, own)
-            if cmd.since_time is not None:
-                await self._mark_times(conn, bound)
-            return await _get_states(conn, cmd, bound)
+            # time marks are extended (by the server, up to the horizon) for since_time queries
+            marks = -1
+            if cmd.since_time is not None and not self._marks_refused:
+                marks = max(self._marked, 0)
+            rows = await conn.fetch(_READ_SQL, own, self._wait_ms(own), marks, sql, nums, sets)
+            head = rows[0]
+            bound, allocated = int(head["bound"]), int(head["allocated"])
+            self._waited(own, bound)
+            if marks >= 0:
+                if head["marked"] == -2:  # a role that may not write: the query walks further
+                    self._marks_refused = True
+                else:
+                    self._marked = max(self._marked, int(head["marked"]))
+            await self._note_bound(conn, bound, allocated)
+            return _page(cmd, rows[1:], bound)
 
         return await self._read(run, "labels")
 
-    async def _mark_times(self, conn: asyncpg.Connection, bound: int) -> None:
-        """Extend the time marks (flowstate_extend_time_marks) up to ``bound``, a read horizon,
-        when they lag it by two blocks or more: a since_time query then walks at most about
-        two blocks of revs older than its time. A role that may not write skips this (its
-        queries stay exact, and walk further)."""
-        if self._marks_refused or bound - 1 < self._marked + 2 * _MARK_BLOCK:
-            return
-        try:
-            self._marked = int(await conn.fetchval(_EXTEND_MARKS_SQL, bound))
-        except (
-            asyncpg.exceptions.InsufficientPrivilegeError,
-            asyncpg.exceptions.ReadOnlySQLTransactionError,
-        ):
-            self._marks_refused = True
-
-    async def _bound(self, conn: asyncpg.Connection, own: int) -> int:
-        """The read horizon: every rev below it is finished, none at or above it may be shown.
+    def _wait_ms(self, own: int) -> int:
+        """How long a read may wait for the horizon to pass ``own``, this driver's latest commit.
 
         Read your own writes: while a lower rev is still in flight (another flowstate commit
         of this store, normally for milliseconds), the server waits on its in-flight mark, up to
-        CATCH_UP_LIMIT, for the horizon to pass ``own``, this driver's latest commit; after
-        that, what is safe is shown, and later reads do not wait for the same ``own`` again.
-        Transactions of other applications never count."""
-        # wait at most once per own rev: behind a stuck commit, reads that each held a pooled
-        # connection for CATCH_UP_LIMIT would starve this process's commits of connections
-        wait_ms = int(CATCH_UP_LIMIT * 1000) if own > self._waited_in_vain else 0
-        bound, allocated = await conn.fetchrow(_BOUND_SQL, own, wait_ms)
+        CATCH_UP_LIMIT, for the horizon to pass ``own``; after that, what is safe is shown, and
+        later reads do not wait for the same ``own`` again (see :meth:`_waited`): behind a
+        stuck commit, reads that each held a pooled connection for CATCH_UP_LIMIT would starve
+        this process's commits of connections. Transactions of other applications never
+        count."""
+        return int(CATCH_UP_LIMIT * 1000) if own > self._waited_in_vain else 0
+
+    def _waited(self, own: int, bound: int) -> None:
+        """Note a horizon that did not pass ``own``: later reads do not wait for it again."""
         if bound <= own:
             self._waited_in_vain = max(self._waited_in_vain, own)
-        await self._note_bound(conn, int(bound), int(allocated))
-        return int(bound)
 
     async def _note_bound(self, conn: asyncpg.Connection, bound: int, allocated: int) -> None:
         """Warn (once per rev) when readers have been held below the same in-flight rev for
@@ -930,8 +932,6 @@ _QUERY_SQL = "SELECT * FROM flowstate_query_states($1, $2, $3)"
 _HORIZON, _SINCE, _TIME = "($1::bigint[])[1]", "($1::bigint[])[2]", "($1::bigint[])[3]"
 #: Label sets one query may name (what asyncpg took as arguments before schema version 6).
 MAX_LABEL_SETS = 32_767
-#: A block of time marks (flowstate_extend_time_marks): 1,024 revs.
-_MARK_BLOCK = 1024
 
 
 def _set(i: int) -> str:
@@ -1054,9 +1054,8 @@ async def _acquire(pool: asyncpg.Pool, attempt: int) -> asyncpg.Connection | Non
         return None
 
 
-async def _get_states(conn: asyncpg.Connection, cmd: GetStatesCmd, bound: int) -> GetStatesResult:
-    sql, args = states_query(cmd, bound)
-    rows = await conn.fetch(_QUERY_SQL, sql, args[0], args[1] if len(args) > 1 else [])
+def _page(cmd: GetStatesCmd, rows: Sequence[Any], bound: int) -> GetStatesResult:
+    """The result of a get_states page: ``rows`` (limit + 1 at most) read below ``bound``."""
     states = [_row_state(r) for r in rows[: cmd.limit]]
     if len(rows) > cmd.limit:
         return GetStatesResult(states, True)
