@@ -341,3 +341,34 @@ def test_a_large_refused_body_does_not_stall_h2(serve: Any) -> None:
         while again not in ended:
             pump()
         assert statuses[again] == 200
+
+
+class _Unopenable(fs.MemoryDriver):
+    async def open(self) -> None:
+        raise fs.StoreUnavailableError("no store today")
+
+
+def test_start_returns_once_the_app_has_started() -> None:
+    """On the default stack BackgroundServer.start() returns when the app's startup (the store
+    opened) is done, and raises, as an exception rather than uvicorn's exit, when that startup
+    fails. (hypercorn alone reports ready as soon as it runs, as before.)"""
+    stack = "uvicorn"
+    opened = threading.Event()
+
+    class Recorded(fs.MemoryDriver):
+        async def open(self) -> None:
+            await asyncio.sleep(0.2)  # a store that takes a while to open
+            await super().open()
+            opened.set()
+
+    server = BackgroundServer(create_app(Recorded()), stack=stack)
+    server.start()
+    try:
+        assert opened.is_set()
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+    failing = BackgroundServer(create_app(_Unopenable()), stack=stack)
+    with pytest.raises(RuntimeError, match="startup failed"):
+        failing.start()
+    failing.stop()

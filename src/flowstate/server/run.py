@@ -290,7 +290,7 @@ async def serve_app(
     stack = stack or os.environ.get("FLOWSTATE_SERVER_STACK") or DEFAULT_STACK
     if stack not in STACKS:
         raise ValidationError("stack", f"{stack!r}: expected one of {', '.join(STACKS)}")
-    if ready is not None:
+    if ready is not None and stack != "uvicorn":
         asyncio.get_running_loop().call_soon(ready)
 
     def close_streams() -> None:
@@ -299,7 +299,7 @@ async def serve_app(
             ui.close()  # ends the UI's live streams: the graceful shutdown need not wait for them
 
     if stack == "uvicorn":
-        await _serve_split(app, sock, stop, close_streams)
+        await _serve_split(app, sock, stop, close_streams, ready)
         return
     _fix_hypercorn_h2()
     config = hypercorn_config(sock)
@@ -359,7 +359,11 @@ def hypercorn_settings() -> Config:
 
 
 async def _serve_split(
-    app: ASGIApp, sock: socket.socket, stop: asyncio.Event, close_streams: Callable[[], None]
+    app: ASGIApp,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    close_streams: Callable[[], None],
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """HTTP/1.1 by uvicorn's httptools protocol, HTTP/2 (prior knowledge or ``Upgrade: h2c``)
     by hypercorn, on one socket: each connection goes to one of them by its first bytes."""
@@ -461,6 +465,11 @@ async def _serve_split(
         def capture_signals(self) -> Iterator[None]:
             yield  # signals are ours (_on_signals)
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if ready is not None:
+                ready()  # the app's startup is done and the socket is served
+
         async def _wait_tasks_to_complete(self) -> None:
             await h2_context.terminated.set()
             await asyncio.gather(super()._wait_tasks_to_complete(), *list(h2_tasks))
@@ -489,6 +498,8 @@ async def _serve_split(
     watcher = asyncio.create_task(trigger())
     try:
         await server.serve(sockets=[sock])
+    except SystemExit:  # uvicorn's answer to a failed startup (the cause is logged)
+        raise RuntimeError("the app's startup failed") from None
     finally:
         watcher.cancel()
 
