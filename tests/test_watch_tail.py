@@ -165,10 +165,9 @@ async def test_tail_stops_when_the_last_watcher_closes(engine_factory):
     engine = await engine_factory(fs.FlowRegistry())
     w = engine.watch(fs.get_states(NEVER))
     task = asyncio.create_task(_drain(w, []))
-    await _settle(engine)
-    tail = engine.driver._tail
-    if engine.driver.shares_tail:
-        assert tail is not None and tail.subscribers == 1
+    driver = engine.driver
+    await _until(lambda: driver._tail is not None and driver._tail.subscribers == 1, "a join")
+    tail = driver._tail
     w.close()
     await task
     if tail is not None:
