@@ -9,6 +9,7 @@ annotations, set with the functions of this module.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import sys
@@ -171,6 +172,7 @@ class Recoverer(RoleWorker):
         self._unhosted: dict[str, int] = {}
         self._warned: set[str] = set()
         self._slots = 0
+        self._starved = False  # the last tick left due states waiting for a free slot
         self._added = self._completed = self._retried = self._dropped = self._committed = 0
         self._skipped = 0
 
@@ -304,7 +306,8 @@ class Recoverer(RoleWorker):
             else:
                 unhosted[entry.flow] = unhosted.get(entry.flow, 0) + 1
         self._report_unhosted(unhosted, hosted)
-        self._slots = self.gate.limit - self.gate.running
+        self._slots = max(self.gate.limit, 1) - self.gate.running  # as the gate counts
+        self._starved = False
         failed = [(sid, e) for (sid, _), e in await in_batches(candidates, self._retry) if e]
         if failed:
             sid, error = failed[0]
@@ -340,6 +343,7 @@ class Recoverer(RoleWorker):
 
     async def _retry_one(self, sid: str, entry: _Tracked) -> _Outcome:
         if self._slots <= 0:
+            self._starved = True
             return _Outcome.WAITING  # the gate is full: keep it for a later tick
         ctx = StateCtx()
         try:
@@ -358,6 +362,7 @@ class Recoverer(RoleWorker):
                 log.warning("state %r ended by recovery after %d attempts", sid, n - 1)
                 return _Outcome.DROPPED
             if self._slots <= 0:
+                self._starved = True
                 return _Outcome.WAITING
             self._slots -= 1
             await self.engine.do(commit(transit(ctx, state.transition.to, annotations)))
@@ -366,6 +371,26 @@ class Recoverer(RoleWorker):
         self._retried += 1
         await self.gate.start(ctx)
         return _Outcome.RETRIED
+
+    async def _sleep(self) -> None:
+        """Until the next tick: the interval, or less when due states wait for a free slot.
+
+        A tick starts at most as many retries as the gate has free slots, so that a backlog
+        (thousands of states due after an outage) never floods the process. Once a slot
+        frees, the next tick runs at once instead of an interval later: the backlog drains
+        at the rate executions finish (before: ``max_executions`` per interval).
+        """
+        if not self._starved or not self.role.active:
+            await super()._sleep()
+            return
+        sleep = asyncio.ensure_future(self.engine.clock.sleep(self.interval))
+        freed = asyncio.ensure_future(self.gate.wait_freed())
+        try:
+            await asyncio.wait({sleep, freed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (sleep, freed):
+                fut.cancel()
+            await asyncio.gather(sleep, freed, return_exceptions=True)
 
     def _tail(self) -> int:
         if self._tracked:

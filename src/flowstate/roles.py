@@ -90,6 +90,12 @@ class ExecutionGate:
             raise
         task.add_done_callback(lambda _t: self._release())
 
+    async def wait_freed(self) -> None:
+        """Return once fewer than ``limit`` executions run (at once if that is so now)."""
+        while self._running >= max(self.limit, 1):
+            self._freed.clear()
+            await self._freed.wait()
+
     def _release(self) -> None:
         self._running -= 1
         self._freed.set()
