@@ -247,3 +247,29 @@ async def _drain_slowly(watcher: fs.Watcher, into: list[fs.State], k: int) -> No
         into.append(state)
         for _ in range(k % 3):  # some consumers let several commits pass between reads
             await asyncio.sleep(0)
+
+
+async def test_own_commits_reach_the_tail_without_a_read(engine_factory, driver_name):
+    """A commit of this process continues the tail: its versions go to the watchers at once
+    and are not read back (another process's commits are still read; a NetDriver's commits
+    are stored by the server, so its tail reads them)."""
+    engine = await engine_factory(fs.FlowRegistry())
+    got: list[fs.State] = []
+    w = engine.watch(fs.get_states({"k": "v"}))
+    task = asyncio.create_task(_drain(w, got))
+    await _until(
+        lambda: engine.driver._tail is not None and engine.driver._tail.subscribers, "a join"
+    )
+    await _settle(engine)
+    spy = QuerySpy(engine.driver)
+    for i in range(30):
+        await engine.do(fs.commit(fs.park(_ctx(f"m{i}", {"k": "v"})), fs.park(_ctx(f"x{i}"))))
+        await _settle(engine)
+    await _until(lambda: len(got) == 30, "30 versions")
+    assert [s.id for s in got] == [f"m{i}" for i in range(30)]
+    if driver_name.startswith("net-"):  # the server stores them: the client's tail reads
+        assert len(spy.calls) <= 3 * 30, spy.calls
+    else:
+        assert len(spy.calls) <= 3, spy.calls
+    w.close()
+    await task

@@ -127,19 +127,48 @@ class Tail:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def offer(self, stored: list[State]) -> None:
+        """Versions this process just made durable, in commit order. Those that continue the
+        tail without a gap are dispatched at once, so the tail need not read them back; any
+        other (a rev skipped, another process's commit between) is left to the next read."""
+        if self._task is None or not stored:
+            return
+        run: list[State] = []
+        rev = self.rev
+        for state in stored:
+            if state.rev != rev + 1:
+                break
+            run.append(state)
+            rev = state.rev
+        if run:
+            self._dispatch(GetStatesResult(run, more=True))
+
     async def _run(self) -> None:
         driver = self.driver
+        notifier = driver.notifier
+        read = True
         try:
             while self._subs:
-                seen = driver.notifier.version
-                result = await driver.get_states(GetStatesCmd(since_rev=self.rev, limit=PAGE))
-                self._dispatch(result)
-                if self._subs and not result.more:
-                    self._waiting = True
-                    try:
-                        await driver.wait_for_commit(seen, REFRESH)
-                    finally:
-                        self._waiting = False
+                seen, blind = notifier.version, notifier.blind
+                if read:
+                    cmd = GetStatesCmd(since_rev=self.rev, limit=PAGE)
+                    result = await driver.get_states(cmd)
+                    self._dispatch(result)
+                    if result.more:
+                        continue
+                if not self._subs:
+                    break
+                self._waiting = True
+                try:
+                    await driver.wait_for_commit(seen, REFRESH)
+                finally:
+                    self._waiting = False
+                # Read only if something may be new: a commit above what we hold (another
+                # process's, or one of ours offered out of order), a wake that named no rev,
+                # or no news at all for REFRESH seconds (the safety net).
+                read = (
+                    notifier.version == seen or notifier.blind != blind or notifier.head > self.rev
+                )
         except asyncio.CancelledError:
             pass
         except Exception:

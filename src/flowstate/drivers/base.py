@@ -96,6 +96,8 @@ class CommitOutcome:
     pairs: list[tuple[StateCtx, StateCtx]] = field(default_factory=list)
     delays: list[tuple[DelayCmd, DelayedState]] = field(default_factory=list)
     max_rev: int = 0
+    #: The versions stored, in commit order (never handed to a caller: the ctxs get copies).
+    stored: list[State] = field(default_factory=list)
 
     def apply(self) -> None:
         for orig, work in self.pairs:
@@ -200,6 +202,7 @@ def process_commit(cmd: CommitCmd, now: datetime) -> Generator[TxOp, Any, Commit
         ctx.committed = stored.copy()
         ctx.transitions = []
         outcome.max_rev = max(outcome.max_rev, stored.rev)
+        outcome.stored.append(stored)
     if conflicts:
         raise RevMismatchError(conflicts)
     outcome.pairs = list(work.values())
@@ -282,14 +285,24 @@ class Notifier:
         self.version = 0
         self._event = asyncio.Event()
         self._waiting = 0  # waiters on _event: without any, a wake only bumps the version
+        # wakes that named no rev (something may have changed anywhere): a reader that skips
+        # a read when ``head`` shows nothing new must read after one of these
+        self.blind = 0
 
     def notify(self, rev: int = 0) -> None:
         """Announce a commit (``rev`` 0: something changed, rev unknown)."""
+        if rev <= 0:
+            self.wake()
+            return
         self.head = max(self.head, rev)
-        self.wake()
+        self._bump()
 
     def wake(self) -> None:
         """Wake every waiter (also used on close and shutdown)."""
+        self.blind += 1
+        self._bump()
+
+    def _bump(self) -> None:
         self.version += 1
         if self._waiting:
             event, self._event = self._event, asyncio.Event()
@@ -458,6 +471,14 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def get_data(self, data: Data) -> None:
         """Load blob and annotations of ``data.rev`` into ``data``. DataNotFoundError if none."""
+
+    def _announce_stored(self, outcome: CommitOutcome) -> None:
+        """Announce a durable commit of this process: its versions go straight to the shared
+        tail (which then need not read them back), then the notifier wakes readers."""
+        if outcome.max_rev:
+            if self._tail is not None and outcome.stored:
+                self._tail.offer(outcome.stored)
+            self.notifier.notify(outcome.max_rev)
 
     async def head_rev(self) -> int:
         """The highest committed rev visible to readers."""

@@ -48,8 +48,7 @@ class MemoryDriver(Driver):
         outcome = run_commit(process_commit(cmd, self.clock.now()), tx)
         tx.apply()
         outcome.apply()
-        if outcome.max_rev:
-            self.notifier.notify(outcome.max_rev)
+        self._announce_stored(outcome)
 
     async def get_state(self, state_id: str, rev: int) -> State:
         return self._get_state(state_id, rev).copy()

@@ -604,7 +604,7 @@ class PostgresDriver(Driver):
         outcome.apply()
         if outcome.max_rev:
             self._own_rev = max(self._own_rev, outcome.max_rev)
-            self.notifier.notify(outcome.max_rev)
+            self._announce_stored(outcome)
             self._publish(outcome.max_rev)
 
     # the driver API
@@ -904,6 +904,9 @@ def _renumber(outcome: CommitOutcome, first: int, count: int) -> None:
         for state in (work.current, work.committed):
             if state.rev < 0:
                 state.rev = first - state.rev - 1
+    for state in outcome.stored:
+        if state.rev < 0:
+            state.rev = first - state.rev - 1
     outcome.max_rev = first + count - 1
 
 

@@ -438,8 +438,7 @@ class SqliteDriver(Driver):
                 return None
         finally:
             self._fast_lock.release()
-        if outcome.max_rev:
-            self.notifier.notify(outcome.max_rev)
+        self._announce_stored(outcome)
         return outcome
 
     def _fast_transaction(
@@ -588,6 +587,8 @@ class SqliteDriver(Driver):
             if job.error is None and isinstance(job.result, CommitOutcome):
                 # announced even if the caller was cancelled meanwhile: it is in the store
                 head = max(head, job.result.max_rev)
+                if self._tail is not None and job.result.stored:
+                    self._tail.offer(job.result.stored)
             job.delivered = True
             if job.waiter is not None and not job.waiter.done():
                 job.waiter.set_result(None)
