@@ -61,6 +61,10 @@ class Tail:
         self._subs: set[Watcher] = set()
         self._task: asyncio.Task[None] | None = None
         self._waiting = False
+        # Set by the notifier hook when something may be new beyond ``rev`` (a higher rev
+        # announced, or a wake naming none); ``_poke`` wakes the reader if it waits.
+        self._dirty = False
+        self._poke: asyncio.Future[None] | None = None
 
     @property
     def subscribers(self) -> int:
@@ -143,38 +147,55 @@ class Tail:
         if run:
             self._dispatch(GetStatesResult(run, more=True))
 
+    def _on_notify(self, rev: int) -> None:
+        """Notifier hook. Own commits were offered before they are announced, so their revs
+        are already held and wake nobody; a higher rev (another process's commit, one of
+        ours that left a gap) or a wake naming no rev (reconnection, shutdown) does."""
+        if rev == 0 or rev > self.rev:
+            self._dirty = True
+            poke = self._poke
+            if poke is not None and not poke.done():
+                poke.set_result(None)
+
     async def _run(self) -> None:
         driver = self.driver
         notifier = driver.notifier
-        read = True
+        notifier.hooks.append(self._on_notify)
+        poller = driver._head_poller if driver.poll_interval is not None else None
+        loop = asyncio.get_running_loop()
         try:
             while self._subs:
-                seen, blind = notifier.version, notifier.blind
-                if read:
-                    cmd = GetStatesCmd(since_rev=self.rev, limit=PAGE)
-                    result = await driver.get_states(cmd)
-                    self._dispatch(result)
-                    if result.more:
-                        continue
+                self._dirty = False  # what is announced from now on is read next time
+                result = await driver.get_states(GetStatesCmd(since_rev=self.rev, limit=PAGE))
+                self._dispatch(result)
+                self._sweep()
+                if result.more or self._dirty:
+                    continue
                 if not self._subs:
                     break
+                # Wait for the doorbell, or REFRESH seconds (the safety net). A polling driver
+                # learns of other processes' commits only while someone waits on its poller.
+                poke = self._poke = loop.create_future()
                 self._waiting = True
+                if poller is not None:
+                    poller.hold()
                 try:
-                    await driver.wait_for_commit(seen, REFRESH)
+                    await asyncio.wait_for(poke, REFRESH)
+                except TimeoutError:
+                    pass
                 finally:
                     self._waiting = False
-                # Read only if something may be new: a commit above what we hold (another
-                # process's, or one of ours offered out of order), a wake that named no rev,
-                # or no news at all for REFRESH seconds (the safety net).
-                read = (
-                    notifier.version == seen or notifier.blind != blind or notifier.head > self.rev
-                )
+                    self._poke = None
+                    if poller is not None:
+                        poller.unhold()
         except asyncio.CancelledError:
             pass
         except Exception:
             # The watchers' own queries retry and report a failing store; hand them back.
             pass
         finally:
+            if self._on_notify in notifier.hooks:
+                notifier.hooks.remove(self._on_notify)
             if self._task is asyncio.current_task():
                 self._task = None
             for w in list(self._subs):
@@ -210,6 +231,10 @@ class Tail:
             self.rev = result.scanned_rev  # nothing up to there: readers may resume after it
         for w in woken:
             w.wake()
+
+    def _sweep(self) -> None:
+        """Let go of watchers closed by their engine's shutdown (which wakes blind, so the
+        reader reads and gets here); a closed watcher leaves by itself."""
         for w in [w for w in self._subs if w.closed]:
             self.leave(w)
             w.wake()

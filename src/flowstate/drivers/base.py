@@ -288,6 +288,9 @@ class Notifier:
         # wakes that named no rev (something may have changed anywhere): a reader that skips
         # a read when ``head`` shows nothing new must read after one of these
         self.blind = 0
+        #: Called with the announced rev (0: unknown) on every notify and wake, before the
+        #: waiters run (the shared tail's doorbell: it wakes only for what it does not hold).
+        self.hooks: list[Callable[[int], None]] = []
 
     def notify(self, rev: int = 0) -> None:
         """Announce a commit (``rev`` 0: something changed, rev unknown)."""
@@ -295,11 +298,15 @@ class Notifier:
             self.wake()
             return
         self.head = max(self.head, rev)
+        for hook in self.hooks:
+            hook(rev)
         self._bump()
 
     def wake(self) -> None:
         """Wake every waiter (also used on close and shutdown)."""
         self.blind += 1
+        for hook in self.hooks:
+            hook(0)
         self._bump()
 
     def _bump(self) -> None:
@@ -362,6 +369,15 @@ class HeadPoller:
             await notifier.wait(version, timeout)
         finally:
             self.waiters -= 1
+
+    def hold(self) -> None:
+        """Keep polling until :meth:`unhold` (for a reader that waits by other means)."""
+        self.waiters += 1
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+
+    def unhold(self) -> None:
+        self.waiters -= 1
 
     async def stop(self) -> None:
         task, self.task = self.task, None
