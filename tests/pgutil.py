@@ -94,3 +94,17 @@ def drop_schemas(prefix: str = PREFIX) -> None:
 
     if unavailable() is None:
         run_sync(drop)
+
+
+async def raw(schema: str) -> Any:
+    """A plain asyncpg connection whose search_path is ``schema`` (a store's own tables)."""
+    import asyncpg
+
+    return await asyncpg.connect(DSN, server_settings={"search_path": f'"{schema}"'})
+
+
+def park_ctx(sid: str, **labels: str) -> Any:
+    """A fresh ctx of state ``sid`` with ``labels``, ready to park."""
+    import flowstate as fs
+
+    return fs.StateCtx(current=fs.State(id=sid, labels=dict(labels)))

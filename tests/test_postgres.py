@@ -29,6 +29,7 @@ from flowstate.drivers.postgres import (
     states_query,
 )
 from tests import pgutil
+from tests.pgutil import park_ctx, raw
 
 PROCS = Path(__file__).parent / "procs"
 TIMEOUT = 20.0
@@ -43,14 +44,6 @@ def _needs_postgres() -> None:
 async def engine(dsn: str) -> AsyncIterator[fs.Engine]:
     async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as engine:
         yield engine
-
-
-async def raw(schema: str) -> asyncpg.Connection:
-    return await asyncpg.connect(pgutil.DSN, server_settings={"search_path": f'"{schema}"'})
-
-
-def park_ctx(sid: str, **labels: str) -> fs.StateCtx:
-    return fs.StateCtx(current=fs.State(id=sid, labels=dict(labels)))
 
 
 async def collect(watcher: fs.Watcher, n: int) -> list[fs.State]:

@@ -33,6 +33,7 @@ import flowstate as fs
 from flowstate.drivers import postgres
 from flowstate.drivers.postgres import PostgresDriver
 from tests import pgutil
+from tests.pgutil import park_ctx, raw
 
 PROCS = Path(__file__).parent / "procs"
 TIMEOUT = 20.0
@@ -95,10 +96,6 @@ async def foreign_transactions() -> AsyncIterator[None]:
             await conn.close()
 
 
-async def raw(schema: str) -> asyncpg.Connection:
-    return await asyncpg.connect(pgutil.DSN, server_settings={"search_path": f'"{schema}"'})
-
-
 async def hold_commit(conn: asyncpg.Connection, sid: str, **labels: str) -> int:
     """Begin a flowstate commit of ``sid`` on ``conn`` and leave it in flight: flowstate's own
     one-statement commit, run inside an explicit transaction that is not ended. Its rev."""
@@ -107,10 +104,6 @@ async def hold_commit(conn: asyncpg.Connection, sid: str, **labels: str) -> int:
         _COMMIT_ONE, [sid], [0], [0], ["{}"], [json.dumps(labels)], [""], ["{}"]
     )
     return int(rev)
-
-
-def park_ctx(sid: str, **labels: str) -> fs.StateCtx:
-    return fs.StateCtx(current=fs.State(id=sid, labels=dict(labels)))
 
 
 async def collect(watcher: fs.Watcher, n: int) -> list[fs.State]:

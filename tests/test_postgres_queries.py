@@ -22,6 +22,7 @@ from flowstate.clock import from_millis
 from flowstate.drivers import postgres
 from flowstate.drivers.postgres import STATE_BY_LABELS_SQL, PostgresDriver, states_query
 from tests import pgutil
+from tests.pgutil import park_ctx, raw
 
 _COMMIT_ONE = "SELECT flowstate_commit_one($1, $2, $3, $4, $5, $6, $7)"
 
@@ -35,14 +36,6 @@ def _needs_postgres() -> None:
 async def engine(dsn: str) -> AsyncIterator[fs.Engine]:
     async with fs.Engine(PostgresDriver(dsn), recovery=False, delayer=False) as engine:
         yield engine
-
-
-async def raw(schema: str) -> asyncpg.Connection:
-    return await asyncpg.connect(pgutil.DSN, server_settings={"search_path": f'"{schema}"'})
-
-
-def park_ctx(sid: str, **labels: str) -> fs.StateCtx:
-    return fs.StateCtx(current=fs.State(id=sid, labels=dict(labels)))
 
 
 async def query(engine: fs.Engine, cmd: fs.GetStatesCmd) -> fs.GetStatesResult:
