@@ -54,7 +54,8 @@ def no_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def waiting_probe(monkeypatch: pytest.MonkeyPatch, driver: fs.Driver) -> asyncio.Event:
-    """An event set whenever a watcher of ``driver`` starts waiting at the head."""
+    """An event set whenever a watcher of ``driver`` starts waiting at the head: on a query
+    of its own's wake-up, or subscribed to the driver's shared tail (flowstate.tail)."""
     event = asyncio.Event()
     original = driver.wait_for_commit
 
@@ -63,6 +64,14 @@ def waiting_probe(monkeypatch: pytest.MonkeyPatch, driver: fs.Driver) -> asyncio
         await original(*args, **kwargs)
 
     monkeypatch.setattr(driver, "wait_for_commit", wait_for_commit)
+    pushed = flowstate.iterator.Watcher._wait_pushed
+
+    async def wait_pushed(self: fs.Watcher) -> None:
+        if self._driver is driver:
+            event.set()
+        await pushed(self)
+
+    monkeypatch.setattr(flowstate.iterator.Watcher, "_wait_pushed", wait_pushed)
     return event
 
 
