@@ -273,3 +273,38 @@ async def test_own_commits_reach_the_tail_without_a_read(engine_factory, driver_
         assert len(spy.calls) <= 3, spy.calls
     w.close()
     await task
+
+
+async def test_a_failing_store_sends_watchers_back_to_their_own_retrying_queries(monkeypatch):
+    """When the tail's read fails, its watchers leave it for their own queries, which retry
+    with backoff (not an immediate rejoin that would hammer a failing store), and deliver
+    once the store answers again."""
+    engine = fs.Engine(fs.MemoryDriver(), fs.FlowRegistry(), recovery=False, delayer=False)
+    await engine.start()
+    driver = engine.driver
+    inner = driver.get_states
+    failing = {"on": False, "calls": 0}
+
+    async def flaky(cmd: GetStatesCmd) -> GetStatesResult:
+        if failing["on"]:
+            failing["calls"] += 1
+            raise fs.StoreUnavailableError("down for the test")
+        return await inner(cmd)
+
+    driver.get_states = flaky  # type: ignore[method-assign]
+    got: list[fs.State] = []
+    w = engine.watch(fs.get_states({"k": "v"}))
+    task = asyncio.create_task(_drain(w, got))
+    await _until(lambda: driver._tail is not None and driver._tail.subscribers == 1, "a join")
+    failing["on"] = True
+    driver.notifier.wake()  # a blind wake: the tail reads, and fails
+    await _until(lambda: driver._tail.subscribers == 0, "the watcher to leave the tail")
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert failing["calls"] <= 3, failing["calls"]  # backing off, not spinning
+    failing["on"] = False
+    await engine.do(fs.commit(fs.park(_ctx("after", {"k": "v"}))))
+    await _until(lambda: [s.id for s in got] == ["after"], "delivery after the store is back")
+    w.close()
+    await task
+    await engine.shutdown()

@@ -108,6 +108,11 @@ class Tail:
             return
         w._scanned = max(w._scanned, self.rev)
         w._tail = None
+        # back to its own queries (with their retry and backoff if the store fails) before it
+        # joins again; with nothing buffered, they start after what the tail decided for it
+        w._at_head = False
+        if not w._buf:
+            w.cmd.since_rev = max(w.cmd.since_rev, w._scanned)
         self._subs.discard(w)
         self._any.discard(w)
         for want in w.cmd.labels:
