@@ -76,3 +76,10 @@ class EngineStoppedError(FlowstateError):
 class StoreWriteError(StoreUnavailableError):
     """The store could not write (its disk is full, an I/O error, its file locked elsewhere for
     too long): the call was rolled back and changed nothing. Retry once the cause is gone."""
+
+
+class StoreFullError(StoreWriteError):
+    """The store has no room for the write: its disk is full, or PostgreSQL refused it for a
+    lack of space (``disk_full``, or a configured limit such as ``temp_file_limit``). Nothing
+    was stored. Free space (or raise the limit), then retry; a flowstate server answers it with
+    HTTP 507 ``resource_exhausted``."""

@@ -11,8 +11,9 @@ to the writer costs more than such a commit). Checkpoints always run on the writ
 The schema, the upgrade of older files, how each query uses the indexes and what a commit
 costs are in docs/sqlite.md.
 
-A write SQLite cannot make (full disk, I/O error) fails with StoreWriteError and changes
-nothing; the writer lives on. See docs/sqlite-faults.md for every outcome off the happy path.
+A write SQLite cannot make (full disk, I/O error) fails with StoreWriteError (StoreFullError
+for a full disk) and changes nothing; the writer lives on. See docs/sqlite-faults.md for every
+outcome off the happy path.
 
 Several processes may share one file: writes take SQLite's write lock (``BEGIN IMMEDIATE``), so
 the rev check and rev allocation are serialised across processes, and a commit becomes visible
@@ -54,6 +55,7 @@ from flowstate.errors import (
     DataNotFoundError,
     FlowstateError,
     NotFoundError,
+    StoreFullError,
     StoreUnavailableError,
     StoreWriteError,
 )
@@ -207,7 +209,8 @@ class SqliteDriver(Driver):
     and is about three times faster.
 
     A write SQLite cannot make (a full disk, an I/O error, the file locked by another process
-    for longer than ``busy_timeout``) fails with :class:`StoreWriteError` and changes nothing;
+    for longer than ``busy_timeout``) fails with :class:`StoreWriteError` (:class:`StoreFullError`
+    for a full disk) and changes nothing;
     the writer keeps serving, so writes succeed again once the cause is gone. If the writer
     thread dies all the same, every pending and later call fails at once with
     :class:`StoreUnavailableError` and :meth:`unavailable` says why.
@@ -790,12 +793,23 @@ def _store_error(exc: BaseException, what: str) -> BaseException:
     if not isinstance(exc, sqlite3.Error) or _code(exc) not in _STORE_CODES:
         return exc
     error: FlowstateError
-    if what == "write":
+    if _code(exc) == _SQLITE_FULL:
+        error = _full_error(exc, what)
+    elif what == "write":
         error = StoreWriteError(f"SQLite could not write ({exc}); nothing was stored")
     else:
         error = StoreUnavailableError(f"SQLite could not read ({exc})")
     error.__cause__ = exc
     return error
+
+
+def _full_error(exc: sqlite3.Error, what: str) -> StoreFullError:
+    """SQLITE_FULL: the disk (or the ``max_page_count`` of the file) has no room. A read fails
+    so when its temporary files do not fit."""
+    done = "nothing was stored" if what == "write" else "the read failed"
+    return StoreFullError(
+        f"the SQLite store's disk is full ({exc}); {done}: free disk space, then retry"
+    )
 
 
 def _commit_error(exc: sqlite3.Error) -> FlowstateError:
@@ -805,7 +819,7 @@ def _commit_error(exc: sqlite3.Error) -> FlowstateError:
     them: the outcome is unknown."""
     error: FlowstateError
     if _code(exc) == _SQLITE_FULL:
-        error = StoreWriteError(f"SQLite could not write ({exc}); nothing was stored")
+        error = _full_error(exc, "write")
     else:
         error = CommitUnknownError(f"SQLite COMMIT failed ({exc}); reload to see if it stored")
     error.__cause__ = exc

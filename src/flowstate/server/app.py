@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from collections.abc import Iterable
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal, TypeVar
 
@@ -26,6 +27,7 @@ from flowstate.flow import FlowRegistry
 from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
+from flowstate.server.guard import HostGuard, SecurityHeaders, bearer_matches
 from flowstate.server.ui import UI, is_public
 from flowstate.server.ui.routes import unhosted_flows
 from flowstate.state import StateCtx
@@ -180,11 +182,12 @@ class _Runtime:
 
 
 class TokenGuard:
-    """Requires ``Authorization: Bearer <token>`` on every HTTP request."""
+    """Requires ``Authorization: Bearer <token>`` (the scheme in any case) on every HTTP
+    request but those of the public UI paths."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_public(scope["path"]):
@@ -193,7 +196,7 @@ class TokenGuard:
                 if name == b"authorization":
                     given = value
                     break
-            if not hmac.compare_digest(given, self.expected):
+            if not bearer_matches(given, self.token):
                 kind = reply_kind(Request(scope))
                 if not scope["path"].startswith("/flowstate.v1."):
                     kind = "json"
@@ -437,7 +440,7 @@ class _Rpc:
             return exc.status, _MEDIA[kind], _error_body(exc.error, kind), close
         except Exception as exc:
             err = _failure(exc, where)
-            return connect.STATUS[err.code], _MEDIA[kind], _error_body(err, kind), False
+            return err.status, _MEDIA[kind], _error_body(err, kind), False
         return 200, _MEDIA[kind], payload, False
 
     async def _execute(self, ctx: StateCtx) -> None:
@@ -474,6 +477,6 @@ def _response(status: int, media: bytes, payload: bytes, close: bool) -> Respons
 
 def _failure(exc: Exception, where: str) -> WireErrorBody:
     err = connect.error_of(exc)
-    if connect.STATUS[err.code] >= 500 and not isinstance(exc, FlowstateError):
+    if err.status >= 500 and not isinstance(exc, FlowstateError):
         log.error("%s failed", where, exc_info=exc)
     return err

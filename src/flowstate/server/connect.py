@@ -17,6 +17,7 @@ from flowstate.errors import (
     FlowstateError,
     NotFoundError,
     RevMismatchError,
+    StoreFullError,
     StoreUnavailableError,
     ValidationError,
 )
@@ -28,7 +29,9 @@ JSON = "application/json"
 DRIVER_SERVICE = "/flowstate.v1.Driver/"
 FLOW_EXECUTE = "/flowstate.v1.Flow/Execute"
 
-#: Connect error code -> HTTP status (the standard Connect mapping).
+#: Connect error code -> HTTP status (the standard Connect mapping). An error may carry a
+#: status of its own (:attr:`WireErrorBody.http_status`): a full store is ``resource_exhausted``
+#: with 507, a body over the size limit ``resource_exhausted`` with 413.
 STATUS: dict[str, int] = {
     "invalid_argument": 400,
     "unauthenticated": 401,
@@ -44,14 +47,25 @@ STATUS: dict[str, int] = {
 
 REV_MISMATCH = "rev mismatch: "
 COMMIT_UNKNOWN = "commit outcome unknown: "
+#: The message prefix of a write refused because the store has no room (HTTP 507).
+STORE_FULL = "store full: "
+#: HTTP 507 Insufficient Storage: the store cannot hold what the request would write.
+INSUFFICIENT_STORAGE = 507
 
 
 @dataclass(frozen=True, slots=True)
 class WireErrorBody:
-    """An error as it travels: a Connect code and a message."""
+    """An error as it travels: a Connect code, a message and, when it is not the code's
+    usual one (:data:`STATUS`), the HTTP status to answer with."""
 
     code: str
     message: str
+    http_status: int = 0
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this error."""
+        return self.http_status or STATUS.get(self.code, 500)
 
 
 def error_of(exc: BaseException) -> WireErrorBody:
@@ -66,6 +80,11 @@ def error_of(exc: BaseException) -> WireErrorBody:
         return WireErrorBody("not_found", str(exc))
     if isinstance(exc, RevMismatchError):
         return WireErrorBody("aborted", str(exc))
+    if isinstance(exc, StoreFullError):
+        # Not the client's fault, and not over by retrying at once: the operator must free
+        # space. The code is Connect's for an exhausted resource ("the entire file system is
+        # out of space"), the status HTTP's for exactly this.
+        return WireErrorBody("resource_exhausted", STORE_FULL + str(exc), INSUFFICIENT_STORAGE)
     if isinstance(exc, StoreUnavailableError | EngineStoppedError):
         return WireErrorBody("unavailable", str(exc))
     if isinstance(exc, CommitUnknownError):
@@ -107,6 +126,8 @@ def exception_of(err: WireErrorBody) -> FlowstateError:
         return ValidationError("request", message)
     if code == "unavailable":
         return StoreUnavailableError(f"{code}: {message}")
+    if code == "resource_exhausted" and message.startswith(STORE_FULL):
+        return StoreFullError(message.removeprefix(STORE_FULL))
     if code == "unknown" and message.startswith(COMMIT_UNKNOWN):
         return CommitUnknownError(message.removeprefix(COMMIT_UNKNOWN))
     return FlowstateError(f"{code}: {message}")
