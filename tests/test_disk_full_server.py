@@ -174,3 +174,67 @@ def test_store_full_maps_to_507_and_back() -> None:
     assert connect.error_of(fs.StoreWriteError("I/O error")).status == 503
     too_big = connect.WireErrorBody("resource_exhausted", "request body exceeds the limit", 413)
     assert not isinstance(connect.exception_of(too_big), fs.StoreUnavailableError)
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: SQLSTATE class 53 (insufficient resources). The shared server's disk cannot be
+# filled; temp_file_limit=0 with the smallest work_mem makes any statement that needs a
+# temporary file fail for real with 53400 (configuration_limit_exceeded).
+
+
+def test_postgres_insufficient_resources_are_store_errors() -> None:
+    """53100 disk_full and 53400 configuration_limit_exceeded: no room, 507; 53000 and 53200
+    out_of_memory pass: 503, retryable."""
+    asyncpg = pytest.importorskip("asyncpg")
+    from flowstate.drivers.postgres import _resource_error
+    from flowstate.server import connect
+
+    cases = [
+        (asyncpg.exceptions.DiskFullError, "write", fs.StoreFullError, 507),
+        (asyncpg.exceptions.DiskFullError, "read", fs.StoreFullError, 507),
+        (asyncpg.exceptions.ConfigurationLimitExceededError, "read", fs.StoreFullError, 507),
+        (asyncpg.exceptions.OutOfMemoryError, "write", fs.StoreWriteError, 503),
+        (asyncpg.exceptions.OutOfMemoryError, "read", fs.StoreUnavailableError, 503),
+        (asyncpg.exceptions.InsufficientResourcesError, "write", fs.StoreWriteError, 503),
+    ]
+    for cls, what, expected, status in cases:
+        error = _resource_error(cls("could not extend file: No space left on device"), what)
+        assert type(error) is expected, (cls, what, error)
+        assert cls.sqlstate in str(error) and "No space left" in str(error)
+        assert connect.error_of(error).status == status
+        if what == "write":
+            assert "nothing was stored" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["json", "proto"])
+async def test_postgres_temp_file_limit_is_507_and_stores_nothing(kind: str) -> None:
+    pytest.importorskip("asyncpg")
+    from flowstate.drivers.postgres import PostgresDriver
+    from tests import pgutil
+
+    pgutil.require()
+    schema = pgutil.new_schema()
+    seed = PostgresDriver(pgutil.dsn_for(schema))
+    async with fs.Engine(seed, fs.FlowRegistry(), recovery=False, delayer=False) as engine:
+        ctxs = [ctx_of(f"s{i}", 200) for i in range(1000)]
+        await engine.do(fs.commit(*[fs.park(c) for c in ctxs]))
+        head = await seed.head_rev()
+
+    limited = pgutil.dsn_for(schema) + "&temp_file_limit=0&work_mem=64"  # server settings
+    server = netserver.serve(PostgresDriver(limited))
+    with httpx.Client(base_url=server.url, timeout=60.0) as http:
+        client = Client(http, kind)
+        read = client.call("GetStates", fs.get_states(limit=10_000))
+        big = fs.commit(*[fs.park(ctx_of(f"t{i}", 200)) for i in range(1000)])
+        write = client.call("Commit", big)
+    for status, code, message in (read, write):
+        assert (status, code) == (507, "resource_exhausted"), (status, code, message)
+        assert "temp_file_limit" in message and "53400" in message, message
+    assert "nothing was stored" in write[2]
+
+    check = PostgresDriver(pgutil.dsn_for(schema))
+    await check.open()
+    try:
+        assert await check.head_rev() == head
+    finally:
+        await check.close()

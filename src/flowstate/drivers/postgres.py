@@ -69,7 +69,9 @@ from flowstate.errors import (
     FlowstateError,
     NotFoundError,
     RevMismatchError,
+    StoreFullError,
     StoreUnavailableError,
+    StoreWriteError,
     ValidationError,
 )
 from flowstate.state import State, Transition
@@ -181,6 +183,39 @@ def _invalid(
     elif index and index.group(1) in _INDEX_FIELDS:
         field = _INDEX_FIELDS[index.group(1)]
     return ValidationError(field, f"refused by PostgreSQL: {text}")
+
+
+#: SQLSTATE class 53, insufficient resources, whose errors mean the store has no room for the
+#: request: 53100 disk_full, and 53400 configuration_limit_exceeded (e.g. the temporary files a
+#: query needs exceed ``temp_file_limit``). Others of the class (53000, 53200 out_of_memory) are
+#: passing conditions of the server; 53300 too_many_connections is a connection error.
+_NO_ROOM = frozenset({"53100", "53400"})
+
+
+def _resource_error(
+    exc: asyncpg.exceptions.InsufficientResourcesError, what: str
+) -> FlowstateError:
+    """``exc`` as a FlowstateError if PostgreSQL lacked a resource for the statement (SQLSTATE
+    class 53): StoreFullError when it has no room, else StoreWriteError or, for a read,
+    StoreUnavailableError. The statement failed, so its transaction stored nothing."""
+    text = str(exc).split("\n", 1)[0]
+    done = "nothing was stored" if what == "write" else "the read failed"
+    error: FlowstateError
+    if exc.sqlstate in _NO_ROOM:
+        error = StoreFullError(
+            f"PostgreSQL has no room for this {what} (SQLSTATE {exc.sqlstate}: {text}); "
+            f"{done}: free disk space or raise the limit, then retry"
+        )
+    elif what == "write":
+        error = StoreWriteError(
+            f"PostgreSQL could not write (SQLSTATE {exc.sqlstate}: {text}); {done}"
+        )
+    else:
+        error = StoreUnavailableError(
+            f"PostgreSQL could not read (SQLSTATE {exc.sqlstate}: {text})"
+        )
+    error.__cause__ = exc
+    return error
 
 
 def _too_many_arguments(exc: BaseException) -> bool:
@@ -485,6 +520,10 @@ class PostgresDriver(Driver):
                 if attempt == 2:
                     raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
                 await asyncio.sleep(0.1 * 2**attempt)
+            except asyncpg.exceptions.InsufficientResourcesError as exc:
+                # the connection is sound (the statement failed): no retry, as it would fail
+                # the same way while the condition lasts
+                raise _resource_error(exc, "read") from None
             finally:
                 if conn is not None:
                     await pool.release(conn)
@@ -855,6 +894,8 @@ async def _transaction(
             raise _invalid(exc) from None
         if isinstance(exc, _CONNECTION_ERRORS):
             raise StoreUnavailableError(f"postgres unavailable: {exc}") from exc
+        if isinstance(exc, asyncpg.exceptions.InsufficientResourcesError):
+            raise _resource_error(exc, "write") from None
         raise
     if phase.cancelled:  # the caller was cancelled while fn ran: store nothing
         _discard(conn)  # the server may still receive a cancel request meant for fn
@@ -867,6 +908,9 @@ async def _transaction(
         raise CommitUnknownError(
             f"connection lost while committing; the commit may or may not be stored: {exc}"
         ) from exc
+    except asyncpg.exceptions.InsufficientResourcesError as exc:
+        _discard(conn)  # the server refused COMMIT: the transaction was rolled back
+        raise _resource_error(exc, "write") from None
     return result
 
 
@@ -892,6 +936,8 @@ async def _statement(
             ids = json.loads(exc.detail or "[]")
             raise RevMismatchError(_in_order(ids, args[0])) from None
         _discard(conn)  # failed midway, maybe holding the rev lock
+        if isinstance(exc, asyncpg.exceptions.InsufficientResourcesError):
+            raise _resource_error(exc, "write") from None
         raise
     except BaseException:
         _discard(conn)  # cancelled midway, maybe holding the rev lock
