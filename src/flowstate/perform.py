@@ -330,6 +330,10 @@ def prepare_get_data(cmd: GetDataCmd) -> Data | None:
         ) from None
     if rev <= 0:
         raise ValidationError(f"current.annotations[{ref_key!r}]", "data rev must be > 0")
+    if rev > _INT64_MAX:  # no store has such a rev; SQLite and PostgreSQL cannot even look
+        raise ValidationError(
+            f"current.annotations[{ref_key!r}]", f"data rev must be <= {_INT64_MAX}"
+        )
     data = cmd.ctx.datas.get(alias)
     if data is not None and data.rev == rev:
         return None

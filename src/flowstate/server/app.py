@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import Iterable
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal, TypeVar
 
@@ -19,6 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from flowstate import perform
 from flowstate.commands import execute
 from flowstate.drivers.base import Driver
 from flowstate.engine import Engine
@@ -27,7 +27,6 @@ from flowstate.flow import FlowRegistry
 from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
-from flowstate.server.guard import HostGuard, SecurityHeaders, bearer_matches
 from flowstate.server.ui import UI, is_public
 from flowstate.server.ui.routes import unhosted_flows
 from flowstate.state import StateCtx
@@ -182,12 +181,11 @@ class _Runtime:
 
 
 class TokenGuard:
-    """Requires ``Authorization: Bearer <token>`` (the scheme in any case) on every HTTP
-    request but those of the public UI paths."""
+    """Requires ``Authorization: Bearer <token>`` on every HTTP request."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.token = token.encode()
+        self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_public(scope["path"]):
@@ -196,7 +194,7 @@ class TokenGuard:
                 if name == b"authorization":
                     given = value
                     break
-            if not bearer_matches(given, self.token):
+            if not hmac.compare_digest(given, self.expected):
                 kind = reply_kind(Request(scope))
                 if not scope["path"].startswith("/flowstate.v1."):
                     kind = "json"
@@ -448,6 +446,9 @@ class _Rpc:
             raise ValidationError("current.id", "state id empty")
         if not ctx.current.transition.to:
             raise ValidationError("current.transition.to", "flow id empty")
+        # The flow commits this state: one no store could keep is refused now with a 400,
+        # not failed in the background after a 200.
+        perform.check_committable(ctx)
         eng = await self.runtime.engine()
         eng.registry.get_flow(ctx.current.transition.to)
         await eng.do(execute(ctx))
