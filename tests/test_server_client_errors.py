@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import flowstate as fs
 from flowstate.server import BackgroundServer, create_app
@@ -45,9 +47,10 @@ def flow(ctx: fs.StateCtx, engine: fs.Engine) -> fs.Command:
 class Server:
     """A server over a fresh store of one kind, with a flow ``f`` that parks its state."""
 
-    def __init__(self, store: str, tmp_path: Path) -> None:
+    def __init__(self, store: str, tmp_path: Path, *, with_flow: bool = True) -> None:
         flows = fs.FlowRegistry()
-        flows.set_flow("f", flow)
+        if with_flow:
+            flows.set_flow("f", flow)
         self.store = store
         self.server = BackgroundServer(
             create_app(DRIVERS[store](tmp_path, next(_counter)), flows=flows)
@@ -107,16 +110,15 @@ class Server:
         return found
 
 
-@pytest.fixture(params=STORES)
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    if request.param == "postgres":
+def seeded(store: str, tmp_path: Path, *, with_flow: bool = True) -> Server:
+    """A server over a fresh store holding something, so that "changed nothing" means
+    something: two states, a delayed one and a data."""
+    if store == "postgres":
         from tests import pgutil
 
         pgutil.require()
-    s = Server(request.param, tmp_path)
+    s = Server(store, tmp_path, with_flow=with_flow)
     try:
-        # something stored, so that "changed nothing" means something: two states, a
-        # delayed one and a data
         seed = fs.StateCtx(current=fs.State(id="seed", labels={"k": "v"}))
         seed.datas["a"] = fs.Data(blob=b"blob")
         stored = s.call(fs.store_data(seed, "a"), "StoreData")
@@ -124,6 +126,16 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
         s.call(fs.commit(fs.park(stored.ctx), fs.park(fs.StateCtx(fs.State(id="b")))), "Commit")
         at = fs.clock.from_seconds(4_000_000_000)
         s.call(fs.delay_until(fs.StateCtx(fs.State(id="later")), "f", at), "Delay")
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@pytest.fixture(params=STORES)
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    s = seeded(request.param, tmp_path)
+    try:
         yield s
     finally:
         s.close()
@@ -392,3 +404,157 @@ def test_values_at_the_edges_of_their_ranges_are_not_5xx(server: Server, kind: s
     for name, method, obj in EDGES:
         r = server.post(method, obj, kind)
         assert r.status_code in (200, 404), (name, r.status_code, r.content[:300])
+
+
+# ---------------------------------------------------------------------------------------------
+# a property: random hostile values in every field of every method never get a 5xx, and a
+# refused request changes nothing
+
+_HOSTILE_INTS = st.one_of(
+    st.sampled_from([-1, -2, 10_001, 1_000_001, I64_MAX, -(2**63), 2**63, 2**64 + 1, 10**30]),
+    st.sampled_from([YEAR_1, YEAR_9999, YEAR_1 - 1, YEAR_9999 + 1, YEAR_9999 * 1000 + 999]),
+    st.integers(-(10**20), 10**20),
+)
+# Mostly plain values, so that many requests get past the first check and reach the store.
+_INTS = st.one_of(st.integers(0, 3), st.integers(0, 3), _HOSTILE_INTS)
+#: int64 fields: a JSON string or number (either is valid JSON for them), any size.
+INTS = st.one_of(_INTS.map(str), _INTS)
+_PLAIN = st.sampled_from(["s", "seed", "b", "f", "a", "k", "v"])
+TEXTS = st.one_of(
+    _PLAIN,
+    _PLAIN,
+    _PLAIN,
+    st.text(max_size=12),
+    st.sampled_from(["", "flowstate.data.a", "1", " 1_0", "9" * 30]),
+    st.tuples(st.text(max_size=5), st.sampled_from(["\x00", "\ud800", "\udfff"])).map("".join),
+    st.sampled_from([1025, 3000]).map(lambda n: "é" * n),
+)
+
+
+def _maps(max_size: int = 3) -> st.SearchStrategy[dict[str, str]]:
+    return st.one_of(
+        st.dictionaries(_PLAIN, _PLAIN, max_size=max_size),
+        st.dictionaries(TEXTS, TEXTS, max_size=max_size),
+        st.integers(257, 1100).map(lambda n: {f"k{i}": "v" for i in range(n)}),
+    )
+
+
+def _obj(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """An object with any subset of ``fields``."""
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+TRANSITION = _obj(to=TEXTS, annotations=_maps())
+STATE = _obj(
+    id=TEXTS,
+    rev=INTS,
+    labels=_maps(),
+    annotations=_maps(),
+    committedAtUnixMilli=INTS,
+    transition=TRANSITION,
+)
+DATA = _obj(rev=INTS, blob=TEXTS, annotations=_maps())
+# a current state mostly with an id: without one, every write is refused at once
+CTX = _obj(
+    current=st.one_of(st.tuples(STATE, TEXTS).map(lambda p: {**p[0], "id": p[1]}), STATE),
+    committed=STATE,
+    transitions=st.lists(TRANSITION, max_size=2),
+    datas=st.dictionaries(TEXTS, DATA, max_size=2),
+)
+REFS = st.one_of(
+    st.just({"idx": "0"}),
+    st.just({"idx": "0"}),
+    st.just({"idx": "1"}),
+    INTS.map(lambda i: {"idx": i}),
+)
+LABEL_SETS = st.one_of(
+    st.lists(_maps(), max_size=3),
+    st.integers(65, 40_000).map(lambda n: [{"k": str(i)} for i in range(n)]),
+)
+COMMANDS = {
+    "GetStateByID": ("getStateByID", _obj(stateRef=REFS, id=TEXTS, rev=INTS)),
+    "GetStateByLabels": ("getStateByLabels", _obj(stateRef=REFS, labels=_maps())),
+    "GetStates": (
+        "getStates",
+        _obj(
+            sinceRev=INTS,
+            sinceTime_usec=INTS,
+            labels=LABEL_SETS,
+            latestOnly=st.booleans(),
+            limit=INTS,
+        ),
+    ),
+    "GetDelayedStates": (
+        "getDelayedStates",
+        _obj(sinceTimeSec=INTS, untilTimeSec=INTS, offset=INTS, limit=INTS),
+    ),
+    "Delay": (
+        "delay",
+        _obj(stateRef=REFS, to=TEXTS, executeAtSec=INTS, commit=st.booleans(), annotations=_maps()),
+    ),
+    "GetData": ("getData", _obj(stateRef=REFS, alias=TEXTS)),
+    "StoreData": ("storeData", _obj(stateRef=REFS, alias=TEXTS)),
+}
+SUB_COMMANDS = st.one_of(
+    _obj(stateRef=REFS, annotations=_maps()).map(lambda o: {"park": o}),
+    _obj(stateRef=REFS, flowId=TEXTS, annotations=_maps()).map(lambda o: {"transit": o}),
+    _obj(stateRef=REFS, alias=TEXTS).map(lambda o: {"storeData": o}),
+    _obj(carrierStateRef=REFS, stackedStateRef=REFS, annotation=TEXTS).map(lambda o: {"stack": o}),
+    _obj(carrierStateRef=REFS, unstackStateRef=REFS, annotation=TEXTS).map(
+        lambda o: {"unstack": o}
+    ),
+    COMMANDS["Delay"][1].map(lambda o: {"delay": o}),
+)
+READS = {"GetStateByID", "GetStateByLabels", "GetStates", "GetDelayedStates", "GetData"}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """(method, body object) with hostile values anywhere."""
+    method = draw(st.sampled_from([*COMMANDS, "Commit", "Flow/Execute"]))
+    if method == "Flow/Execute":
+        return method, draw(CTX)
+    if method == "Commit":
+        payload: dict[str, Any] = {"commands": draw(st.lists(SUB_COMMANDS, min_size=1, max_size=3))}
+        key = "commit"
+    else:
+        key, strategy = COMMANDS[method]
+        payload = draw(strategy)
+    obj = {key: payload}
+    if method not in ("GetStates", "GetDelayedStates") or draw(st.booleans()):
+        obj["stateCtxs"] = draw(st.lists(CTX, min_size=1, max_size=2))
+    return method, obj
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_random_hostile_requests_never_5xx_and_refusals_change_nothing(
+    store: str, tmp_path: Path
+) -> None:
+    # no flow registered: an accepted Flow/Execute would commit in the background, after the
+    # answer, and blur what a later refusal changed; hostile values are checked before the
+    # flow is looked up
+    server = seeded(store, tmp_path, with_flow=False)
+    last = {"snapshot": server.snapshot()}
+
+    @settings(
+        max_examples=15 if store == "postgres" else 60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(request=requests(), kind=st.sampled_from(KINDS))
+    def one(request: tuple[str, dict[str, Any]], kind: str) -> None:
+        method, obj = request
+        r = server.post(method, obj, kind)
+        assert r.status_code < 500, (method, kind, r.status_code, r.content[:300])
+        if r.status_code == 200 and method in READS:
+            return
+        after = server.snapshot()
+        if r.status_code != 200:
+            assert after == last["snapshot"], (method, kind, r.status_code, r.content[:300])
+        last["snapshot"] = after
+
+    try:
+        one()
+    finally:
+        server.close()
