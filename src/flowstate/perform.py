@@ -322,12 +322,12 @@ def prepare_get_data(cmd: GetDataCmd) -> Data | None:
         raise ValidationError(
             f"current.annotations[{ref_key!r}]", f"annotation {ref_key!r} is not set"
         )
-    try:
-        rev = int(ref)
-    except ValueError:
+    # int() would also take " 1_0", "+1" and other scripts' digits
+    if not (ref.isascii() and ref.isdigit()):
         raise ValidationError(
-            f"current.annotations[{ref_key!r}]", f"data rev {ref!r} is not an integer"
-        ) from None
+            f"current.annotations[{ref_key!r}]", f"data rev {ref!r} is not a decimal integer"
+        )
+    rev = int(ref)
     if rev <= 0:
         raise ValidationError(f"current.annotations[{ref_key!r}]", "data rev must be > 0")
     if rev > _INT64_MAX:  # no store has such a rev; SQLite and PostgreSQL cannot even look

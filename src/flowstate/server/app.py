@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Literal, TypeVar
 
 from starlette.applications import Starlette
@@ -28,6 +27,7 @@ from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
 from flowstate.server.ui import UI, is_public
+from flowstate.server.guard import FORBIDDEN, HostGuard, SecurityHeaders, bearer_matches
 from flowstate.server.ui.routes import unhosted_flows
 from flowstate.state import StateCtx
 from flowstate.wire import codec
@@ -181,11 +181,12 @@ class _Runtime:
 
 
 class TokenGuard:
-    """Requires ``Authorization: Bearer <token>`` on every HTTP request."""
+    """Requires ``Authorization: Bearer <token>`` (the scheme in any case) on every HTTP
+    request but those of the public UI paths."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_public(scope["path"]):
@@ -194,7 +195,7 @@ class TokenGuard:
                 if name == b"authorization":
                     given = value
                     break
-            if not hmac.compare_digest(given, self.expected):
+            if not bearer_matches(given, self.token):
                 kind = reply_kind(Request(scope))
                 if not scope["path"].startswith("/flowstate.v1."):
                     kind = "json"
@@ -217,13 +218,17 @@ def create_app(
     flows: FlowRegistry | None = None,
     engine: Engine | None = None,
 ) -> ASGIApp:
+    allowed_hosts: Iterable[str] = (),
     """The flowstate.v1 server for ``driver`` as an ASGI app.
 
     The Driver service runs requests straight against ``driver``; the Flow service hands
     states to ``engine`` (by default an engine over ``driver`` and ``flows``, created on the
     first Flow request, without recoverer and delayer). With ``token`` every request must
     carry it as a bearer token; ``cors_origins`` (``"*"`` for any) turns CORS on; request
-    bodies above ``max_body`` bytes are refused with 413.
+    bodies above ``max_body`` bytes are refused with 413. A request whose ``Host`` is not a
+    loopback name, an IP address or one of ``allowed_hosts`` (``"*"`` for any) is refused with
+    421; one whose ``Origin`` is neither the server's own nor in ``cors_origins`` with 403
+    (:mod:`flowstate.server.guard`).
     """
     if max_body <= 0:
         raise ValidationError("max_body", "must be > 0")
@@ -292,7 +297,7 @@ def create_app(
         finally:
             await runtime.close()
 
-    middleware = []
+    middleware = [Middleware(SecurityHeaders)]
     if cors_origins:
         origins = ["*"] if "*" in cors_origins else list(cors_origins)
         middleware.append(
@@ -319,7 +324,8 @@ def create_app(
     )
     app.state.runtime = runtime
     app.state.ui = ui
-    return LeanRoutes(app, rpc, token=token, cors=bool(cors_origins))
+    guard = HostGuard(allowed_hosts, cors_origins)
+    return LeanRoutes(app, rpc, token=token, cors=bool(cors_origins), guard=guard)
 
 
 _RPC_PATHS: dict[str, str] = {
@@ -329,68 +335,99 @@ _RPC_PATHS: dict[str, str] = {
 
 
 class LeanRoutes:
-    """The nine RPC paths straight to the services, in front of the Starlette app.
+    """The server's front door: the ``Host`` and ``Origin`` checks for every request, then the
+    nine RPC paths straight to the services, in front of the Starlette app.
 
-    A ``POST`` to an RPC path that passes the token check (and carries no ``Origin`` when
-    CORS is on, so that no CORS header is due) is answered here, without Starlette's request,
-    routing and middleware layers: the answer is byte for byte what the full stack gives.
-    Everything else (other paths and methods, refused tokens, browsers' cross-origin calls,
-    the lifespan) goes through the Starlette app unchanged.
+    A request whose ``Host`` or ``Origin`` the guard refuses is answered here, before its body
+    is read. A ``POST`` to an RPC path that passes the token check (and carries no ``Origin``
+    when CORS is on, so that no CORS header is due) is answered here, without Starlette's
+    request, routing and middleware layers: the answer is byte for byte what the full stack
+    gives. Everything else (other paths and methods, refused tokens, browsers' cross-origin
+    calls, the lifespan) goes through the Starlette app unchanged.
     """
 
-    def __init__(self, app: Starlette, rpc: _Rpc, *, token: str | None, cors: bool) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        rpc: _Rpc,
+        *,
+        token: str | None,
+        cors: bool,
+        guard: HostGuard | None = None,
+    ) -> None:
         self.app = app
         self.state = app.state
         self.rpc = rpc
-        self.expected = None if token is None else f"Bearer {token}".encode()
+        self.token = None if token is None else token.encode()
         self.cors = cors
 
+        self.guard = guard or HostGuard()
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctype = length = encoding = None
+        auth = host = origin = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                ctype = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value.decode("latin-1")
+            elif name == b"content-encoding":
+                encoding = value.decode("latin-1")
+            elif name == b"authorization":
+                auth = value
+            elif name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        http1 = scope.get("http_version", "1.1").startswith("1")
+        refused = self.guard.refusal(host, origin)
+        if refused is not None:
+            await self._refuse(scope, *refused, ctype, http1, send)
+            return
+        if scope["method"] == "POST":
             path: str = scope["path"]
             root: str = scope.get("root_path", "")
             if root and path.startswith(root):  # mounted below a prefix
                 path = path[len(root) :]
             method = _RPC_PATHS.get(path)
-            if method is not None:
-                ctype = length = encoding = auth = None
-                origin = False
-                for name, value in scope["headers"]:
-                    if name == b"content-type":
-                        ctype = value.decode("latin-1")
-                    elif name == b"content-length":
-                        length = value.decode("latin-1")
-                    elif name == b"content-encoding":
-                        encoding = value.decode("latin-1")
-                    elif name == b"authorization":
-                        auth = value
-                    elif name == b"origin":
-                        origin = True
-                expected = self.expected
-                if (
-                    expected is None or (auth is not None and hmac.compare_digest(auth, expected))
-                ) and not (origin and self.cors):
-                    status, media, payload, close = await self.rpc.call(
-                        method,
-                        ctype,
-                        length,
-                        encoding,
-                        receive,
-                        http1=scope.get("http_version", "1.1").startswith("1"),
-                    )
-                    headers = [
-                        (b"content-type", media),
-                        (b"content-length", b"%d" % len(payload)),
-                    ]
-                    if close:
-                        headers.append((b"connection", b"close"))
-                    await send(
-                        {"type": "http.response.start", "status": status, "headers": headers}
-                    )
-                    await send({"type": "http.response.body", "body": payload})
-                    return
+            token = self.token
+            if (
+                method is not None
+                and (token is None or bearer_matches(auth, token))
+                and not (origin is not None and self.cors)
+            ):
+                status, media, payload, close = await self.rpc.call(
+                    method, ctype, length, encoding, receive, http1=http1
+                )
+                headers = [
+                    (b"content-type", media),
+                    (b"content-length", b"%d" % len(payload)),
+                ]
+                if close:
+                    headers.append((b"connection", b"close"))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+                return
         await self.app(scope, receive, send)
 
+
+    async def _refuse(
+        self, scope: Scope, status: int, message: str, ctype: str | None, http1: bool, send: Send
+    ) -> None:
+        """An error answer for a request the guard refused: JSON for a refused origin (only
+        browsers send one), for a refused host as the token check answers (in the request's
+        encoding on the RPC paths: the Go client reads binary errors); on HTTP/1.1 the
+        connection closes (the body was not read)."""
+        rpc = status != FORBIDDEN and scope["path"].startswith("/flowstate.v1.")
+        kind: BodyKind = _reply_kind(ctype) if rpc else "json"
+        payload = _error_body(WireErrorBody("permission_denied", message), kind)
+        headers = [(b"content-type", _MEDIA[kind]), (b"content-length", b"%d" % len(payload))]
+        if http1:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 _MEDIA = {"json": JSON.encode(), "proto": PROTO.encode()}
 
@@ -450,7 +487,12 @@ class _Rpc:
         # not failed in the background after a 200.
         perform.check_committable(ctx)
         eng = await self.runtime.engine()
-        eng.registry.get_flow(ctx.current.transition.to)
+        # a registry shared through the store knows flows hosted elsewhere only on lookup
+        lookup = getattr(eng.registry, "lookup", None)
+        if lookup is not None:
+            await lookup(ctx.current.transition.to)
+        else:
+            eng.registry.get_flow(ctx.current.transition.to)
         await eng.do(execute(ctx))
 
 

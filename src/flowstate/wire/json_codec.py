@@ -441,7 +441,7 @@ def _map(value: Any, where: str) -> dict[str, str]:
         if not key:
             raise WireError(where, "map key cannot be empty")
         _text(key, where)
-        out[key] = "" if item is None else _text(item, f"{where}[{key!r}]")
+        out[key] = _text(item, f"{where}[{key!r}]")  # null too: Go would store "" unasked
     return out
 
 
