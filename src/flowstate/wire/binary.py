@@ -23,6 +23,13 @@ from flowstate.clock import from_millis, to_millis
 from flowstate.data import BINARY, Data
 from flowstate.errors import ValidationError
 from flowstate.state import State, StateCtx, Transition
+from flowstate.wire.limits import (
+    MAX_ANNOTATIONS,
+    MAX_DATAS,
+    MAX_STATE_LABELS,
+    Budget,
+    over,
+)
 
 __all__ = [
     "as_int64",
@@ -445,6 +452,10 @@ def read_transition(buf: bytes, pos: int, end: int, transition: Transition) -> N
         elif tag == 0x1A:
             start, pos = read_span(buf, pos, end, "transition")
             read_string_map_entry(buf, start, pos, transition.annotations, "annotations")
+            if len(transition.annotations) > MAX_ANNOTATIONS:
+                raise ValidationError(
+                    "transition.annotations", over(MAX_ANNOTATIONS, "annotations")
+                )
         elif tag == 0x0A:  # legacy `from`: ignored
             pos = read_span(buf, pos, end, "transition")[1]
         else:
@@ -468,9 +479,13 @@ def read_state(buf: bytes, pos: int, end: int, state: State) -> None:
         elif tag == 0x1A:
             start, pos = read_span(buf, pos, end, "state")
             read_string_map_entry(buf, start, pos, state.annotations, "annotations")
+            if len(state.annotations) > MAX_ANNOTATIONS:
+                raise ValidationError("state.annotations", over(MAX_ANNOTATIONS, "annotations"))
         elif tag == 0x22:
             start, pos = read_span(buf, pos, end, "state")
             read_string_map_entry(buf, start, pos, state.labels, "labels")
+            if len(state.labels) > MAX_STATE_LABELS:
+                raise ValidationError("state.labels", over(MAX_STATE_LABELS, "labels"))
         elif tag == 0x28:
             value, pos = read_varint(buf, pos, end, "state.committed_at_unix_milli")
             try:
@@ -509,6 +524,8 @@ def read_data(buf: bytes, pos: int, end: int) -> Data:
         elif tag == 0x2A:
             start, pos = read_span(buf, pos, end, "data")
             read_string_map_entry(buf, start, pos, data.annotations, "annotations")
+            if len(data.annotations) > MAX_ANNOTATIONS:
+                raise ValidationError("data.annotations", over(MAX_ANNOTATIONS, "annotations"))
         else:
             pos = unexpected_field(buf, pos, end, tag, "data", _DATA_FIELDS)
     if blob_stop > blob_start:
@@ -523,7 +540,7 @@ def read_data(buf: bytes, pos: int, end: int) -> Data:
     return data
 
 
-def _read_data_entry(buf: bytes, pos: int, end: int, target: dict[str, Data]) -> None:
+def _read_data_entry(buf: bytes, pos: int, end: int, target: dict[str, Data]) -> Data:
     key = ""
     data: Data | None = None
     while pos < end:
@@ -542,11 +559,17 @@ def _read_data_entry(buf: bytes, pos: int, end: int, target: dict[str, Data]) ->
             pos = unexpected_field(buf, pos, end, tag, "datas", _MAP_FIELDS)
     if not key:
         raise ValidationError("datas", "map key cannot be empty")
-    target[key] = data if data is not None else Data()
+    target[key] = data = data if data is not None else Data()
+    return data
 
 
-def read_state_ctx(buf: bytes, pos: int, end: int, ctx: StateCtx) -> None:
-    """Decode StateCtx fields from ``buf[pos:end]`` into ``ctx`` (merging)."""
+def read_state_ctx(
+    buf: bytes, pos: int, end: int, ctx: StateCtx, budget: Budget | None = None
+) -> None:
+    """Decode StateCtx fields from ``buf[pos:end]`` into ``ctx`` (merging), charging its
+    transitions and map entries to ``budget`` (a fresh one if None)."""
+    if budget is None:
+        budget = Budget()
     while pos < end:
         tag = buf[pos]
         if tag < 0x80:
@@ -564,11 +587,17 @@ def read_state_ctx(buf: bytes, pos: int, end: int, ctx: StateCtx) -> None:
             transition = Transition()
             read_transition(buf, start, pos, transition)
             ctx.transitions.append(transition)
+            budget.transition(len(transition.annotations), "state_ctx.transitions")
         elif tag == 0x22:
             start, pos = read_span(buf, pos, end, "state_ctx")
-            _read_data_entry(buf, start, pos, ctx.datas)
+            data = _read_data_entry(buf, start, pos, ctx.datas)
+            if len(ctx.datas) > MAX_DATAS:
+                raise ValidationError("state_ctx.datas", over(MAX_DATAS, "datas"))
+            budget.take(1 + len(data.annotations), "state_ctx.datas")
         else:
             pos = unexpected_field(buf, pos, end, tag, "state_ctx", _STATE_CTX_FIELDS)
+    budget.state(ctx.current, "state_ctx.current")
+    budget.state(ctx.committed, "state_ctx.committed")
 
 
 def _as_bytes(buf: Buffer) -> bytes:

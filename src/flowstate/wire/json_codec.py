@@ -44,6 +44,20 @@ from flowstate.commands import (
 from flowstate.data import BINARY, Data
 from flowstate.state import State, StateCtx, Transition
 from flowstate.wire.errors import WireError
+from flowstate.wire.limits import (
+    MAX_ANNOTATIONS,
+    MAX_COMMIT_COMMANDS,
+    MAX_DATAS,
+    MAX_JSON_VALUES,
+    MAX_PAGE_ITEMS,
+    MAX_QUERY_LABEL_SETS,
+    MAX_QUERY_LABELS,
+    MAX_STATE_CTXS,
+    MAX_STATE_LABELS,
+    MAX_TRANSITIONS,
+    Budget,
+    too_many,
+)
 from flowstate.wire.refs import state_ctxs
 
 __all__ = [
@@ -433,9 +447,11 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
-def _map(value: Any, where: str) -> dict[str, str]:
+def _map(value: Any, where: str, cap: int = MAX_ANNOTATIONS) -> dict[str, str]:
     if not isinstance(value, dict):
         raise WireError(where, f"expected an object, got {_kind(value)}")
+    if len(value) > cap:
+        raise too_many(where, cap, "entries")
     out: dict[str, str] = {}
     for key, item in value.items():
         if not key:
@@ -445,9 +461,11 @@ def _map(value: Any, where: str) -> dict[str, str]:
     return out
 
 
-def _list(value: Any, where: str) -> list[Any]:
+def _list(value: Any, where: str, cap: int, what: str = "items") -> list[Any]:
     if not isinstance(value, list):
         raise WireError(where, f"expected an array, got {_kind(value)}")
+    if len(value) > cap:
+        raise too_many(where, cap, what)
     return value
 
 
@@ -487,7 +505,7 @@ def _state(value: Any, where: str) -> State:
     if "annotations" in f:
         s.annotations = _map(f["annotations"], f"{where}.annotations")
     if "labels" in f:
-        s.labels = _map(f["labels"], f"{where}.labels")
+        s.labels = _map(f["labels"], f"{where}.labels", MAX_STATE_LABELS)
     if "committedatunixmilli" in f:
         s.committed_at = _time_ms(f["committedatunixmilli"], f"{where}.committed_at_unix_milli")
     if "transition" in f:
@@ -522,12 +540,14 @@ def _state_ctx(value: Any, where: str) -> StateCtx:
     if "committed" in f:
         c.committed = _state(f["committed"], f"{where}.committed")
     if "transitions" in f:
-        items = _list(f["transitions"], f"{where}.transitions")
+        items = _list(f["transitions"], f"{where}.transitions", MAX_TRANSITIONS, "transitions")
         c.transitions = [_transition(t, f"{where}.transitions[{i}]") for i, t in enumerate(items)]
     if "datas" in f:
         datas = f["datas"]
         if not isinstance(datas, dict):
             raise WireError(f"{where}.datas", f"expected an object, got {_kind(datas)}")
+        if len(datas) > MAX_DATAS:
+            raise too_many(f"{where}.datas", MAX_DATAS, "datas")
         for alias, item in datas.items():
             if not alias:
                 raise WireError(f"{where}.datas", "map key cannot be empty")
@@ -585,7 +605,9 @@ class _Decoder:
             if nested:
                 raise WireError(where, "a commit inside a commit is not allowed")
             commands: list[Command] = []
-            items = _list(f.get("commands", []), f"{where}.commands")
+            items = _list(
+                f.get("commands", []), f"{where}.commands", MAX_COMMIT_COMMANDS, "commands"
+            )
             for i, item in enumerate(items):
                 at = f"{where}.commands[{i}]"
                 commands.append(self.envelope(_fields(item, at), at, nested=True))
@@ -617,7 +639,7 @@ class _Decoder:
         if key == "getstatebylabels":
             return GetStateByLabelsCmd(
                 self.ref(f, ("stateref",), f"{where}.state_ref"),
-                _map(f.get("labels", {}), f"{where}.labels"),
+                _map(f.get("labels", {}), f"{where}.labels", MAX_STATE_LABELS),
             )
         if key == "getstates":
             return _get_states(f, where)
@@ -676,8 +698,8 @@ def _label_set(value: Any, where: str) -> dict[str, str]:
     if isinstance(value, dict) and len(value) == 1:
         ((key, inner),) = value.items()
         if key.lower() == "labels" and (isinstance(inner, dict) or inner is None):
-            return _map(inner or {}, f"{where}.labels")
-    return _map(value, where)
+            return _map(inner or {}, f"{where}.labels", MAX_QUERY_LABELS)
+    return _map(value, where, MAX_QUERY_LABELS)
 
 
 def _get_states(f: Obj, where: str) -> GetStatesCmd:
@@ -687,8 +709,10 @@ def _get_states(f: Obj, where: str) -> GetStatesCmd:
     if "sincetimeusec" in f:
         cmd.since_time = _time_ms(f["sincetimeusec"], f"{where}.since_time_usec")
     if "labels" in f:
-        items = _list(f["labels"], f"{where}.labels")
+        items = _list(f["labels"], f"{where}.labels", MAX_QUERY_LABEL_SETS, "label sets")
         cmd.labels = [_label_set(s, f"{where}.labels[{i}]") for i, s in enumerate(items)]
+        if sum(len(labels) for labels in cmd.labels) > MAX_QUERY_LABELS:
+            raise too_many(f"{where}.labels", MAX_QUERY_LABELS, "labels in all sets")
     if "latestonly" in f:
         cmd.latest_only = _bool(f["latestonly"], f"{where}.latest_only")
     if "limit" in f:
@@ -698,7 +722,7 @@ def _get_states(f: Obj, where: str) -> GetStatesCmd:
         r = _fields(f["result"], at)
         result = GetStatesResult()
         if "states" in r:
-            items = _list(r["states"], f"{at}.states")
+            items = _list(r["states"], f"{at}.states", MAX_PAGE_ITEMS, "states")
             result.states = [_state(s, f"{at}.states[{i}]") for i, s in enumerate(items)]
         if "more" in r:
             result.more = _bool(r["more"], f"{at}.more")
@@ -723,7 +747,9 @@ def _get_delayed_states(f: Obj, where: str) -> GetDelayedStatesCmd:
         r = _fields(f["result"], at)
         result = GetDelayedStatesResult()
         if "delayedstates" in r:
-            items = _list(r["delayedstates"], f"{at}.delayed_states")
+            items = _list(
+                r["delayedstates"], f"{at}.delayed_states", MAX_PAGE_ITEMS, "delayed states"
+            )
             result.delayed_states = [
                 _delayed_state(d, f"{at}.delayed_states[{i}]") for i, d in enumerate(items)
             ]
@@ -737,13 +763,92 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Repeated fields -> (proto name, cap) for the structure scan, by normalised key. Arrays:
+_ARRAY_CAPS = {
+    "statectxs": ("state_ctxs", MAX_STATE_CTXS),
+    "commands": ("commands", MAX_COMMIT_COMMANDS),
+    "transitions": ("transitions", MAX_TRANSITIONS),
+    "labels": ("labels", MAX_QUERY_LABEL_SETS),
+    "states": ("states", MAX_PAGE_ITEMS),
+    "delayedstates": ("delayed_states", MAX_PAGE_ITEMS),
+}
+# … and maps (objects): labels of a state or a query (the larger cap), annotations, datas.
+_OBJECT_CAPS = {
+    "labels": ("labels", max(MAX_STATE_LABELS, MAX_QUERY_LABELS)),
+    "annotations": ("annotations", MAX_ANNOTATIONS),
+    "datas": ("datas", MAX_DATAS),
+}
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_TOKEN = re.compile(_STRING + rb"(\s*:)?|[\[\]{},]")
+_STRINGS = re.compile(_STRING)
+
+
+def _check_structure(raw: bytes, where: str) -> None:
+    """Refuse a body that would make ``json.loads`` build more than MAX_JSON_VALUES values,
+    or whose repeated fields exceed their caps, before anything is built.
+
+    A value is a container or follows a comma (or opens the body), so commas plus opening
+    brackets bound the count: at C speed, and exact enough for any body with few punctuation
+    marks inside its strings. Past the bound, a scan over the structure (strings skipped)
+    finds the first repeated field over its cap, and names it.
+    """
+    bound = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if bound < MAX_JSON_VALUES:
+        return
+    stripped = _STRINGS.sub(b'""', raw)
+    if stripped.count(b",") + stripped.count(b"[") + stripped.count(b"{") < MAX_JSON_VALUES:
+        return
+    # (path, cap, items so far) of each open container
+    stack: list[tuple[str, int, int]] = []
+    key = ""
+    values = 1
+    for match in _TOKEN.finditer(raw):
+        token = match.group()
+        first = token[0]
+        if first == 0x22:  # a string: a key when a colon follows
+            key = (
+                token[: token.rindex(b'"') + 1].decode("utf-8", "replace") if match.group(1) else ""
+            )
+            continue
+        if first == 0x2C:  # ,
+            key = ""
+            values += 1
+            if stack:
+                path, cap, count = stack[-1]
+                stack[-1] = (path, cap, count + 1)
+                if count + 2 > cap:
+                    raise too_many(path, cap)
+            if values > MAX_JSON_VALUES:
+                break
+        elif first in (0x5B, 0x7B):  # [ {
+            values += 1
+            parent = stack[-1][0] if stack else ""
+            if stack and key == "":
+                path = f"{parent}[{stack[-1][2]}]"
+                name, cap = "", MAX_JSON_VALUES
+            else:
+                norm = key.strip('"').lower().replace("_", "")
+                caps = _ARRAY_CAPS if first == 0x5B else _OBJECT_CAPS
+                name, cap = caps.get(norm, (key.strip('"'), MAX_JSON_VALUES))
+                path = f"{parent}.{name}" if parent else name
+            stack.append((path, cap, 0))
+            key = ""
+        else:  # ] }
+            if stack:
+                stack.pop()
+            key = ""
+    raise WireError(where, f"more than {MAX_JSON_VALUES:,} JSON values; that many are not allowed")
+
+
 def _loads(body: bytes | bytearray | memoryview | str, where: str) -> Any:
     try:
-        text = body if isinstance(body, str) else bytes(body).decode()
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+        text = body if isinstance(body, str) else raw.decode()
     except UnicodeDecodeError as exc:
         raise WireError(
             where, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}"
         ) from None
+    _check_structure(raw, where)
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
@@ -757,12 +862,27 @@ def decode_command(body: bytes | bytearray | memoryview | str) -> Command:
     root = _fields(_loads(body, "command"), "command")
     ctxs: list[StateCtx] = []
     if "statectxs" in root:
-        items = _list(root["statectxs"], "state_ctxs")
-        ctxs = [_state_ctx(c, f"state_ctxs[{i}]") for i, c in enumerate(items)]
+        items = _list(root["statectxs"], "state_ctxs", MAX_STATE_CTXS, "state contexts")
+        budget = Budget()
+        for i, item in enumerate(items):
+            where = f"state_ctxs[{i}]"
+            ctx = _state_ctx(item, where)
+            _charge(budget, ctx, where)
+            ctxs.append(ctx)
     try:
         return _Decoder(ctxs).envelope(root, "", nested=False)
     except RecursionError:
         raise WireError("command", "JSON nested too deeply") from None
+
+
+def _charge(budget: Budget, ctx: StateCtx, where: str) -> None:
+    """Charge a decoded ctx to the message's budget, as the binary decoder does."""
+    budget.state(ctx.current, f"{where}.current")
+    budget.state(ctx.committed, f"{where}.committed")
+    for i, t in enumerate(ctx.transitions):
+        budget.transition(len(t.annotations), f"{where}.transitions[{i}]")
+    for alias, data in ctx.datas.items():
+        budget.take(1 + len(data.annotations), f"{where}.datas[{alias!r}]")
 
 
 def decode_state_ctx(body: bytes | bytearray | memoryview | str) -> StateCtx:

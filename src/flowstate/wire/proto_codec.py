@@ -9,7 +9,7 @@ references into the root ``state_ctxs`` list, one object per entry (wire.md §4.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -60,6 +60,18 @@ from flowstate.wire.binary import (
     write_state_ctx,
 )
 from flowstate.wire.errors import WireError
+from flowstate.wire.limits import (
+    MAX_ANNOTATIONS,
+    MAX_COMMIT_COMMANDS,
+    MAX_DATAS,
+    MAX_PAGE_ITEMS,
+    MAX_QUERY_LABEL_SETS,
+    MAX_QUERY_LABELS,
+    MAX_STATE_CTXS,
+    MAX_STATE_LABELS,
+    Budget,
+    too_many,
+)
 from flowstate.wire.refs import state_ctxs
 
 __all__ = [
@@ -332,13 +344,13 @@ def encode_error(code: str, message: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _fields(buf: bytes, pos: int, end: int, where: str) -> list[tuple[int, int, int, int]]:
-    """The fields of ``buf[pos:end]`` as ``(field, wire_type, start, stop)``.
+def _fields(buf: bytes, pos: int, end: int, where: str) -> Iterator[tuple[int, int, int, int]]:
+    """The fields of ``buf[pos:end]`` as ``(field, wire_type, start, stop)``, one at a time
+    (so that a reader can stop at a cap before the rest is even split).
 
     For LEN fields ``start:stop`` is the payload; for VARINT fields ``start`` is the value.
     Other wire types are skipped (they belong to no known field of flowstate.v1).
     """
-    fields: list[tuple[int, int, int, int]] = []
     while pos < end:
         tag = buf[pos]
         if tag < 0x80:
@@ -351,15 +363,14 @@ def _fields(buf: bytes, pos: int, end: int, where: str) -> list[tuple[int, int, 
             raise WireError(where, f"invalid field number {field}")
         if wire_type == LEN:
             start, pos = read_span(buf, pos, end, where)
-            fields.append((field, LEN, start, pos))
+            yield field, LEN, start, pos
         elif wire_type == VARINT:
             value, pos = read_varint(buf, pos, end, where)
-            fields.append((field, VARINT, value, 0))
+            yield field, VARINT, value, 0
         else:
             after = skip_field(buf, pos, end, wire_type, where)
-            fields.append((field, wire_type, pos, after))
+            yield field, wire_type, pos, after
             pos = after
-    return fields
 
 
 def _expect(wire_type: int, want: int, where: str) -> None:
@@ -370,10 +381,11 @@ def _expect(wire_type: int, want: int, where: str) -> None:
 class _Ctxs:
     """The decoded root ``state_ctxs``; resolves references by index."""
 
-    __slots__ = ("items",)
+    __slots__ = ("budget", "items")
 
-    def __init__(self, items: list[StateCtx]) -> None:
+    def __init__(self, items: list[StateCtx], budget: Budget) -> None:
         self.items = items
+        self.budget = budget
 
     def resolve(self, buf: bytes, start: int, stop: int, where: str) -> StateCtx:
         idx = 0
@@ -405,10 +417,21 @@ def _int_field(wire_type: int, value: int, where: str) -> int:
 
 
 def _map_entry(
-    buf: bytes, wire_type: int, start: int, stop: int, target: dict[str, str], where: str
+    buf: bytes,
+    wire_type: int,
+    start: int,
+    stop: int,
+    target: dict[str, str],
+    where: str,
+    ctxs: _Ctxs,
+    cap: int = MAX_ANNOTATIONS,
 ) -> None:
+    """One entry of a command's map field, within ``cap`` entries and the message's budget."""
     _expect(wire_type, LEN, where)
     read_string_map_entry(buf, start, stop, target, where)
+    if len(target) > cap:
+        raise too_many(where, cap, "entries")
+    ctxs.budget.take(1, where)
 
 
 def _time_ms(value: int, where: str) -> datetime:
@@ -448,7 +471,7 @@ def _state(buf: bytes, start: int, stop: int, where: str, state: State | None = 
     return state
 
 
-def _data_entry(buf: bytes, start: int, stop: int, datas: dict[str, Data], where: str) -> None:
+def _data_entry(buf: bytes, start: int, stop: int, datas: dict[str, Data], where: str) -> Data:
     alias = ""
     span: tuple[int, int] | None = None
     for field, wire_type, a, b in _fields(buf, start, stop, where):
@@ -460,15 +483,16 @@ def _data_entry(buf: bytes, start: int, stop: int, datas: dict[str, Data], where
     if not alias:
         raise WireError(where, "map key cannot be empty")
     if span is None:
-        datas[alias] = Data()
-        return
+        datas[alias] = data = Data()
+        return data
     try:
-        datas[alias] = read_data(buf, span[0], span[1])
+        datas[alias] = data = read_data(buf, span[0], span[1])
     except ValidationError as exc:
         raise _rebase(exc, f"{where}[{alias!r}]", "data") from None
+    return data
 
 
-def _state_ctx(buf: bytes, start: int, stop: int, where: str) -> StateCtx:
+def _state_ctx(buf: bytes, start: int, stop: int, where: str, budget: Budget) -> StateCtx:
     ctx = StateCtx()
     for field, wire_type, a, b in _fields(buf, start, stop, where):
         if field == 2:
@@ -486,9 +510,15 @@ def _state_ctx(buf: bytes, start: int, stop: int, where: str) -> StateCtx:
             except ValidationError as exc:
                 raise _rebase(exc, at, "transition") from None
             ctx.transitions.append(transition)
+            budget.transition(len(transition.annotations), at)
         elif field == 4:
             _expect(wire_type, LEN, f"{where}.datas")
-            _data_entry(buf, a, b, ctx.datas, f"{where}.datas")
+            data = _data_entry(buf, a, b, ctx.datas, f"{where}.datas")
+            if len(ctx.datas) > MAX_DATAS:
+                raise too_many(f"{where}.datas", MAX_DATAS, "datas")
+            budget.take(1 + len(data.annotations), f"{where}.datas")
+    budget.state(ctx.current, f"{where}.current")
+    budget.state(ctx.committed, f"{where}.committed")
     return ctx
 
 
@@ -522,7 +552,7 @@ def _read_transit(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) ->
         elif field == 2:
             to = _str_field(buf, wire_type, a, b, f"{where}.to")
         elif field == 3:
-            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations")
+            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations", ctxs)
     if ctx is None:
         raise _missing_ref(f"{where}.state_ref")
     return TransitCmd(ctx, to, annotations)
@@ -536,7 +566,7 @@ def _read_park(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> Co
             _expect(wire_type, LEN, f"{where}.state_rexf")
             ctx = ctxs.resolve(buf, a, b, f"{where}.state_rexf")
         elif field == 3:
-            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations")
+            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations", ctxs)
     if ctx is None:
         raise _missing_ref(f"{where}.state_rexf")
     return ParkCmd(ctx, annotations)
@@ -594,7 +624,7 @@ def _read_delay(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> C
         elif field == 5:
             to = _str_field(buf, wire_type, a, b, f"{where}.to")
         elif field == 6:
-            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations")
+            _map_entry(buf, wire_type, a, b, annotations, f"{where}.annotations", ctxs)
     if ctx is None:
         raise _missing_ref(f"{where}.state_ref")
     return DelayCmd(
@@ -606,6 +636,8 @@ def _read_commit(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> 
     commands: list[Command] = []
     for field, wire_type, a, b in _fields(buf, start, stop, where):
         if field == 1:
+            if len(commands) >= MAX_COMMIT_COMMANDS:
+                raise too_many(f"{where}.commands", MAX_COMMIT_COMMANDS, "commands")
             at = f"{where}.commands[{len(commands)}]"
             _expect(wire_type, LEN, at)
             commands.append(_read_envelope(buf, a, b, ctxs, at, nested=True))
@@ -613,7 +645,8 @@ def _read_commit(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> 
 
 
 def _read_noop(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> Command:
-    _fields(buf, start, stop, where)
+    for _ in _fields(buf, start, stop, where):
+        pass  # validates the framing; a noop has no fields we read
     return NoopCmd()
 
 
@@ -671,7 +704,7 @@ def _read_get_state_by_labels(
     labels: dict[str, str] = {}
     for field, wire_type, a, b in _fields(buf, start, stop, where):
         if field == 1:
-            _map_entry(buf, wire_type, a, b, labels, f"{where}.labels")
+            _map_entry(buf, wire_type, a, b, labels, f"{where}.labels", ctxs, MAX_STATE_LABELS)
         elif field == 2:
             _expect(wire_type, LEN, f"{where}.state_ref")
             ctx = ctxs.resolve(buf, a, b, f"{where}.state_ref")
@@ -682,6 +715,7 @@ def _read_get_state_by_labels(
 
 def _read_get_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str) -> Command:
     cmd = GetStatesCmd(limit=0)
+    total = 0
     for field, wire_type, a, b in _fields(buf, start, stop, where):
         if field == 1:
             cmd.since_rev = _int_field(wire_type, a, f"{where}.since_rev")
@@ -689,13 +723,18 @@ def _read_get_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str)
             ms = _int_field(wire_type, a, f"{where}.since_time_usec")
             cmd.since_time = _time_ms(ms, f"{where}.since_time_usec")
         elif field == 3:
+            if len(cmd.labels) >= MAX_QUERY_LABEL_SETS:
+                raise too_many(f"{where}.labels", MAX_QUERY_LABEL_SETS, "label sets")
             at = f"{where}.labels[{len(cmd.labels)}]"
             _expect(wire_type, LEN, at)
             labels: dict[str, str] = {}
+            cmd.labels.append(labels)
             for f, wt, x, y in _fields(buf, a, b, at):
                 if f == 1:
-                    _map_entry(buf, wt, x, y, labels, f"{at}.labels")
-            cmd.labels.append(labels)
+                    _map_entry(buf, wt, x, y, labels, f"{at}.labels", ctxs, MAX_QUERY_LABELS)
+                    total += 1
+                    if total > MAX_QUERY_LABELS:
+                        raise too_many(f"{where}.labels", MAX_QUERY_LABELS, "labels in all sets")
         elif field == 4:
             _expect(wire_type, VARINT, f"{where}.latest_only")
             cmd.latest_only = a != 0
@@ -705,7 +744,7 @@ def _read_get_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, where: str)
             at = f"{where}.result"
             _expect(wire_type, LEN, at)
             page = cmd.result if cmd.result is not None else GetStatesResult()
-            cmd.result = _read_page(buf, a, b, at, page, page.states, "states", _state)
+            cmd.result = _read_page(buf, a, b, at, page, page.states, "states", _state, ctxs)
     return cmd
 
 
@@ -727,7 +766,9 @@ def _read_get_delayed_states(buf: bytes, start: int, stop: int, ctxs: _Ctxs, whe
             _expect(wire_type, LEN, at)
             dpage = cmd.result if cmd.result is not None else GetDelayedStatesResult()
             items = dpage.delayed_states
-            cmd.result = _read_page(buf, a, b, at, dpage, items, "delayed_states", _delayed_state)
+            cmd.result = _read_page(
+                buf, a, b, at, dpage, items, "delayed_states", _delayed_state, ctxs
+            )
     return cmd
 
 
@@ -744,14 +785,20 @@ def _read_page(
     items: list[_I],
     name: str,
     read_item: Callable[[bytes, int, int, str], _I],
+    ctxs: _Ctxs,
 ) -> _P:
     """A query's result page: repeated items (field 1), ``more`` (field 2) and, for
     GetStatesResult, the ``scanned_rev`` extension (field 3)."""
+    budget = ctxs.budget
     for f, wt, x, y in _fields(buf, start, stop, where):
         if f == 1:
+            if len(items) >= MAX_PAGE_ITEMS:
+                raise too_many(f"{where}.{name}", MAX_PAGE_ITEMS, name.replace("_", " "))
             at = f"{where}.{name}[{len(items)}]"
             _expect(wt, LEN, at)
-            items.append(read_item(buf, x, y, at))
+            item = read_item(buf, x, y, at)
+            items.append(item)
+            budget.state(item if isinstance(item, State) else item.state, at)  # type: ignore[attr-defined]
         elif f == 2:
             _expect(wt, VARINT, f"{where}.more")
             page.more = x != 0
@@ -791,6 +838,8 @@ def _read_envelope(
             _expect(wire_type, LEN, at)
             if nested:
                 raise WireError(at, "a command inside a commit must not carry state_ctxs")
+            if len(spans) >= MAX_STATE_CTXS:
+                raise too_many(at, MAX_STATE_CTXS, "state contexts")
             spans.append((a, b))
         elif field in _READERS:
             name = _READERS[field][0]
@@ -798,7 +847,11 @@ def _read_envelope(
             if command is None:
                 command = (field, a, b)
     if ctxs is None:
-        ctxs = _Ctxs([_state_ctx(buf, a, b, f"state_ctxs[{i}]") for i, (a, b) in enumerate(spans)])
+        budget = Budget()
+        ctxs = _Ctxs(
+            [_state_ctx(buf, a, b, f"state_ctxs[{i}]", budget) for i, (a, b) in enumerate(spans)],
+            budget,
+        )
     if command is None:
         raise WireError(where or "command", "no command")
     field, a, b = command
@@ -827,7 +880,7 @@ def decode_state_ctx(body: bytes | bytearray | memoryview) -> StateCtx:
     """Decode a binary StateCtx message."""
     buf = _as_bytes(body)
     try:
-        return _state_ctx(buf, 0, len(buf), "state_ctx")
+        return _state_ctx(buf, 0, len(buf), "state_ctx", Budget())
     except ValidationError as exc:
         raise _rebase(exc, "state_ctx", "state_ctx") from None
 
