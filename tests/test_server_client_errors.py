@@ -415,65 +415,72 @@ _HOSTILE_INTS = st.one_of(
     st.sampled_from([YEAR_1, YEAR_9999, YEAR_1 - 1, YEAR_9999 + 1, YEAR_9999 * 1000 + 999]),
     st.integers(-(10**20), 10**20),
 )
-# Mostly plain values, so that many requests get past the first check and reach the store.
-_INTS = st.one_of(st.integers(0, 3), st.integers(0, 3), _HOSTILE_INTS)
-#: int64 fields: a JSON string or number (either is valid JSON for them), any size.
-INTS = st.one_of(_INTS.map(str), _INTS)
-_PLAIN = st.sampled_from(["s", "seed", "b", "f", "a", "k", "v"])
-TEXTS = st.one_of(
-    _PLAIN,
-    _PLAIN,
-    _PLAIN,
+_HOSTILE_TEXTS = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["", "flowstate.data.a", "1", " 1_0", "9" * 30]),
+    st.sampled_from(["", "flowstate.data.a", " 1_0", "9" * 30]),
     st.tuples(st.text(max_size=5), st.sampled_from(["\x00", "\ud800", "\udfff"])).map("".join),
     st.sampled_from([1025, 3000]).map(lambda n: "é" * n),
 )
 
 
-def _maps(max_size: int = 3) -> st.SearchStrategy[dict[str, str]]:
-    return st.one_of(
-        st.dictionaries(_PLAIN, _PLAIN, max_size=max_size),
-        st.dictionaries(TEXTS, TEXTS, max_size=max_size),
+def _mostly(
+    plain: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any]
+) -> st.SearchStrategy[Any]:
+    """``plain`` most of the time: a request with one or two hostile values among its many
+    fields gets past the first checks and reaches deeper ones, and the store."""
+    return st.integers(0, 15).flatmap(lambda n: hostile if n == 7 else plain)
+
+
+_INTS = _mostly(st.integers(0, 3), _HOSTILE_INTS)
+#: int64 fields: a JSON string or number (either is valid JSON for them), any size.
+INTS = st.one_of(_INTS.map(str), _INTS)
+_PLAIN = st.sampled_from(["s", "seed", "b", "f", "a", "k", "v"])
+TEXTS = _mostly(_PLAIN, _HOSTILE_TEXTS)
+MAPS = _mostly(
+    st.dictionaries(_PLAIN, _PLAIN, max_size=2),
+    st.one_of(
+        st.dictionaries(TEXTS, TEXTS, min_size=1, max_size=3),
         st.integers(257, 1100).map(lambda n: {f"k{i}": "v" for i in range(n)}),
-    )
-
-
-def _obj(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
-    """An object with any subset of ``fields``."""
-    return st.fixed_dictionaries({}, optional=fields)
-
-
-TRANSITION = _obj(to=TEXTS, annotations=_maps())
-STATE = _obj(
-    id=TEXTS,
-    rev=INTS,
-    labels=_maps(),
-    annotations=_maps(),
-    committedAtUnixMilli=INTS,
-    transition=TRANSITION,
+    ),
 )
-DATA = _obj(rev=INTS, blob=TEXTS, annotations=_maps())
-# a current state mostly with an id: without one, every write is refused at once
+
+
+def _obj(
+    required: dict[str, st.SearchStrategy[Any]] | None = None, **optional: st.SearchStrategy[Any]
+) -> st.SearchStrategy[dict[str, Any]]:
+    """An object with the ``required`` fields and any subset of the ``optional`` ones."""
+    return st.fixed_dictionaries(required or {}, optional=optional)
+
+
+TRANSITION = _obj(to=TEXTS, annotations=MAPS)
+STATE = _obj(
+    rev=INTS, labels=MAPS, annotations=MAPS, committedAtUnixMilli=INTS, transition=TRANSITION
+)
+DATA = _obj(rev=INTS, blob=TEXTS, annotations=MAPS)
 CTX = _obj(
-    current=st.one_of(st.tuples(STATE, TEXTS).map(lambda p: {**p[0], "id": p[1]}), STATE),
+    {
+        "current": _mostly(
+            _obj({"id": TEXTS}).flatmap(lambda i: STATE.map(lambda s: {**s, **i})), STATE
+        )
+    },
     committed=STATE,
     transitions=st.lists(TRANSITION, max_size=2),
     datas=st.dictionaries(TEXTS, DATA, max_size=2),
 )
-REFS = st.one_of(
-    st.just({"idx": "0"}),
-    st.just({"idx": "0"}),
-    st.just({"idx": "1"}),
-    INTS.map(lambda i: {"idx": i}),
+REFS = _mostly(st.just({"idx": "0"}), st.one_of(st.just({}), INTS.map(lambda i: {"idx": i})))
+LABEL_SETS = _mostly(
+    st.lists(st.dictionaries(_PLAIN, _PLAIN, max_size=2), max_size=3),
+    st.one_of(
+        st.lists(MAPS, max_size=3),
+        st.integers(65, 40_000).map(lambda n: [{"k": str(i)} for i in range(n)]),
+    ),
 )
-LABEL_SETS = st.one_of(
-    st.lists(_maps(), max_size=3),
-    st.integers(65, 40_000).map(lambda n: [{"k": str(i)} for i in range(n)]),
+DELAY = _obj(
+    {"stateRef": REFS, "to": TEXTS}, executeAtSec=INTS, commit=st.booleans(), annotations=MAPS
 )
 COMMANDS = {
-    "GetStateByID": ("getStateByID", _obj(stateRef=REFS, id=TEXTS, rev=INTS)),
-    "GetStateByLabels": ("getStateByLabels", _obj(stateRef=REFS, labels=_maps())),
+    "GetStateByID": ("getStateByID", _obj({"stateRef": REFS, "id": TEXTS}, rev=INTS)),
+    "GetStateByLabels": ("getStateByLabels", _obj({"stateRef": REFS}, labels=MAPS)),
     "GetStates": (
         "getStates",
         _obj(
@@ -488,22 +495,21 @@ COMMANDS = {
         "getDelayedStates",
         _obj(sinceTimeSec=INTS, untilTimeSec=INTS, offset=INTS, limit=INTS),
     ),
-    "Delay": (
-        "delay",
-        _obj(stateRef=REFS, to=TEXTS, executeAtSec=INTS, commit=st.booleans(), annotations=_maps()),
-    ),
-    "GetData": ("getData", _obj(stateRef=REFS, alias=TEXTS)),
-    "StoreData": ("storeData", _obj(stateRef=REFS, alias=TEXTS)),
+    "Delay": ("delay", DELAY),
+    "GetData": ("getData", _obj({"stateRef": REFS, "alias": TEXTS})),
+    "StoreData": ("storeData", _obj({"stateRef": REFS, "alias": TEXTS})),
 }
 SUB_COMMANDS = st.one_of(
-    _obj(stateRef=REFS, annotations=_maps()).map(lambda o: {"park": o}),
-    _obj(stateRef=REFS, flowId=TEXTS, annotations=_maps()).map(lambda o: {"transit": o}),
-    _obj(stateRef=REFS, alias=TEXTS).map(lambda o: {"storeData": o}),
-    _obj(carrierStateRef=REFS, stackedStateRef=REFS, annotation=TEXTS).map(lambda o: {"stack": o}),
-    _obj(carrierStateRef=REFS, unstackStateRef=REFS, annotation=TEXTS).map(
+    _obj({"stateRef": REFS}, annotations=MAPS).map(lambda o: {"park": o}),
+    _obj({"stateRef": REFS, "flowId": TEXTS}, annotations=MAPS).map(lambda o: {"transit": o}),
+    _obj({"stateRef": REFS, "alias": TEXTS}).map(lambda o: {"storeData": o}),
+    _obj({"carrierStateRef": REFS, "stackedStateRef": REFS, "annotation": TEXTS}).map(
+        lambda o: {"stack": o}
+    ),
+    _obj({"carrierStateRef": REFS, "unstackStateRef": REFS, "annotation": TEXTS}).map(
         lambda o: {"unstack": o}
     ),
-    COMMANDS["Delay"][1].map(lambda o: {"delay": o}),
+    DELAY.map(lambda o: {"delay": o}),
 )
 READS = {"GetStateByID", "GetStateByLabels", "GetStates", "GetDelayedStates", "GetData"}
 
@@ -515,14 +521,22 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     if method == "Flow/Execute":
         return method, draw(CTX)
     if method == "Commit":
-        payload: dict[str, Any] = {"commands": draw(st.lists(SUB_COMMANDS, min_size=1, max_size=3))}
+        subs = draw(st.lists(SUB_COMMANDS, min_size=1, max_size=3))
+        payload: dict[str, Any] = {"commands": subs}
         key = "commit"
     else:
         key, strategy = COMMANDS[method]
         payload = draw(strategy)
     obj = {key: payload}
     if method not in ("GetStates", "GetDelayedStates") or draw(st.booleans()):
-        obj["stateCtxs"] = draw(st.lists(CTX, min_size=1, max_size=2))
+        contexts = draw(st.lists(CTX, min_size=1, max_size=2))
+        alias = payload.get("alias")
+        if isinstance(alias, str) and draw(st.booleans()):
+            # the data the command names is there (StoreData), or referenced (GetData)
+            contexts[0].setdefault("datas", {})[alias] = draw(DATA)
+            ref = draw(_mostly(st.integers(1, 3).map(str), INTS.map(str)))
+            contexts[0]["current"].setdefault("annotations", {})["flowstate.data." + alias] = ref
+        obj["stateCtxs"] = contexts
     return method, obj
 
 
