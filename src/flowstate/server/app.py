@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Literal, TypeVar
 
@@ -18,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flowstate import perform
-from flowstate.commands import execute
+from flowstate.commands import Command, execute
 from flowstate.drivers.base import Driver
 from flowstate.engine import Engine
 from flowstate.errors import FlowstateError, ValidationError
@@ -429,7 +430,40 @@ class LeanRoutes:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
+
 _MEDIA = {"json": JSON.encode(), "proto": PROTO.encode()}
+
+
+#: Bodies (and answers) above this many bytes are decoded (encoded) in a worker thread, so
+#: that the event loop keeps serving meanwhile; smaller ones, the common case, stay inline.
+OFFLOAD_BYTES = 64 * 1024
+#: The most bytes of large answers (as estimated before encoding) being encoded at once,
+#: server-wide; one answer larger than this still goes, alone.
+MAX_ANSWER_BYTES_IN_FLIGHT = 64 * 2**20
+
+
+class _BytesInFlight:
+    """A server-wide budget of bytes: ``hold(n)`` waits until ``n`` more fit (or none are held)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        freed = self._freed
+        async with freed:
+            await freed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+        try:
+            yield
+        finally:
+            async with freed:
+                self.used -= size
+                freed.notify_all()
 
 
 class _Rpc:
@@ -439,6 +473,7 @@ class _Rpc:
     def __init__(self, runtime: _Runtime, max_body: int) -> None:
         self.runtime = runtime
         self.max_body = max_body
+        self.in_flight = _BytesInFlight(MAX_ANSWER_BYTES_IN_FLIGHT)
 
     async def call(
         self,
@@ -462,11 +497,25 @@ class _Rpc:
             if method is None:
                 raise RequestError(404, "unimplemented", f"no method {name!r} in Driver")
             if method:
-                cmd = _decode(codec.decode_command, body, as_json)
-                await perform_method(await self.runtime.store(), method, cmd)
-                payload = codec.encode_command(cmd, json=as_json)
+                if len(body) > OFFLOAD_BYTES:
+                    cmd = await asyncio.to_thread(_decode, codec.decode_command, body, as_json)
+                else:
+                    cmd = _decode(codec.decode_command, body, as_json)
+                size = max(
+                    len(body), await perform_method(await self.runtime.store(), method, cmd)
+                )
+                del body  # an answer may be large too: do not hold both
+                if size > OFFLOAD_BYTES:
+                    async with self.in_flight.hold(size):
+                        payload = await asyncio.to_thread(_encode, cmd, as_json)
+                else:
+                    payload = codec.encode_command(cmd, json=as_json)
             else:
-                await self._execute(_decode(codec.decode_state_ctx, body, as_json))
+                if len(body) > OFFLOAD_BYTES:
+                    ctx = await asyncio.to_thread(_decode, codec.decode_state_ctx, body, as_json)
+                else:
+                    ctx = _decode(codec.decode_state_ctx, body, as_json)
+                await self._execute(ctx)
                 payload = connect.noop_body(json_body=as_json)
         except RequestError as exc:
             # The rest of a body over the limit was not read: an HTTP/1.1 connection cannot
@@ -507,6 +556,10 @@ def _decode(decode: Callable[..., T], body: bytes, as_json: bool) -> T:
         raise ValidationError("body", f"malformed request: {type(exc).__name__}: {exc}") from None
 
 
+def _encode(cmd: Command, as_json: bool) -> bytes:
+    return codec.encode_command(cmd, json=as_json)
+
+
 def _error_body(err: WireErrorBody, kind: BodyKind) -> bytes:
     return connect.encode_error(err, json_body=kind == "json")
 
@@ -520,6 +573,45 @@ def _response(status: int, media: bytes, payload: bytes, close: bool) -> Respons
 
 def _failure(exc: Exception, where: str) -> WireErrorBody:
     err = connect.error_of(exc)
-    if err.status >= 500 and not isinstance(exc, FlowstateError):
-        log.error("%s failed", where, exc_info=exc)
+    if err.status >= 500:
+        _FAILURES.report(exc, where, err.status)
     return err
+
+
+class _FailureLog:
+    """Logs each cause of a 5xx once, not once per request: a cause (where, exception type and
+    message) is logged the first time with its traceback (for an unexpected exception), then
+    at most once per ``every`` seconds as a count of the repeats since."""
+
+    def __init__(self, every: float = 60.0, causes: int = 1000) -> None:
+        self.every = every
+        self.causes = causes
+        #: cause -> (when last logged, repeats not logged since)
+        self.seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def report(self, exc: Exception, where: str, status: int) -> None:
+        cause = (where, type(exc).__name__, str(exc)[:500])
+        now = time.monotonic()
+        last = self.seen.get(cause)
+        if last is None:
+            if len(self.seen) >= self.causes:  # forget the oldest cause: the map stays bounded
+                del self.seen[next(iter(self.seen))]
+            self.seen[cause] = (now, 0)
+            trace = None if isinstance(exc, FlowstateError) else exc
+            log.error("%s failed (%d): %s: %s", where, status, *cause[1:], exc_info=trace)
+            return
+        logged, repeats = last
+        if now - logged < self.every:
+            self.seen[cause] = (logged, repeats + 1)
+            return
+        self.seen[cause] = (now, 0)
+        log.error(
+            "%s failed (%d) again: %s: %s (%d more times since it was last logged)",
+            where,
+            status,
+            *cause[1:],
+            repeats + 1,
+        )
+
+
+_FAILURES = _FailureLog()
