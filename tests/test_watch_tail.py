@@ -184,6 +184,35 @@ async def test_shutdown_ends_watchers_waiting_on_the_tail(engine_factory):
     await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
 
 
+async def test_shutdown_ends_watchers_while_the_tail_read_is_stuck():
+    """Subscribers wait on the tail without a timer of their own, so an engine's shutdown must
+    reach them even while the tail's read of the store does not return."""
+    engine = fs.Engine(fs.MemoryDriver(), fs.FlowRegistry(), recovery=False, delayer=False)
+    driver = engine.driver
+    inner = driver.get_states
+    stuck = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hanging(cmd: GetStatesCmd) -> GetStatesResult:
+        if stuck.is_set():
+            await release.wait()
+        return await inner(cmd)
+
+    driver.get_states = hanging  # type: ignore[method-assign]
+    w = engine.watch(fs.get_states({"k": "v"}))
+    task = asyncio.create_task(_drain(w, []))
+    await _until(lambda: driver._tail is not None and driver._tail.subscribers == 1, "a join")
+    stuck.set()
+    driver.notifier.notify(10**6)  # another process's commit: the tail reads, and hangs
+    await _until(lambda: not driver._tail._waiting, "the tail's read")
+    await engine.shutdown(timeout=5.0)
+    try:
+        await asyncio.wait_for(task, TIMEOUT)
+    finally:
+        release.set()
+        await driver.close()
+
+
 # Many watchers with different filters, joining at different moments, some reading slowly, with
 # a tiny ring, page and buffer bound so that every path of the tail runs (replay on join, a
 # join refused because the ring moved on, detach of a slow consumer, rejoin): each delivers

@@ -149,11 +149,13 @@ class Watcher(StateIterator):
             fut.set_result(None)
 
     async def _wait_pushed(self) -> None:
+        """Wait for the tail to push or wake. No timer of its own: the tail wakes every
+        subscriber it lets go (leave, stop, a failed read, the sweep of closed watchers after
+        an engine shutdown), and a timer armed and cancelled per delivery was a third of the
+        cost of a 1,000-watcher fan-out."""
         fut = self._wakeup = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(fut, WATCH_REFRESH)
-        except TimeoutError:
-            pass
+            await fut
         finally:
             self._wakeup = None
 

@@ -156,6 +156,11 @@ class Tail:
         """Notifier hook. Own commits were offered before they are announced, so their revs
         are already held and wake nobody; a higher rev (another process's commit, one of
         ours that left a gap) or a wake naming no rev (reconnection, shutdown) does."""
+        if rev == 0:
+            # a blind wake is also how an engine's shutdown reaches its watchers: those it
+            # closed leave now, not after a read that may be slow or stuck on a failing store
+            # (subscribers wait on the tail alone, with no timer of their own)
+            self._sweep()
         if rev == 0 or rev > self.rev:
             self._dirty = True
             poke = self._poke
