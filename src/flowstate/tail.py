@@ -59,6 +59,9 @@ class Tail:
         self._by_pair: dict[LabelPair, set[Watcher]] = {}
         self._any: set[Watcher] = set()
         self._subs: set[Watcher] = set()
+        # Subscribers by the stop event of their engine, so that a shutdown's sweep costs one
+        # check per engine, not one per watcher (every close() wakes the notifier blind).
+        self._by_stop: dict[asyncio.Event, set[Watcher]] = {}
         self._task: asyncio.Task[None] | None = None
         self._waiting = False
         # Set by the notifier hook when something may be new beyond ``rev`` (a higher rev
@@ -92,6 +95,8 @@ class Tail:
         w._scanned = max(since, self.rev)
         w._tail = self
         self._subs.add(w)
+        if w._stop is not None:
+            self._by_stop.setdefault(w._stop, set()).add(w)
         sets = w.cmd.labels
         if not sets:
             self._any.add(w)
@@ -115,6 +120,12 @@ class Tail:
             w.cmd.since_rev = max(w.cmd.since_rev, w._scanned)
         self._subs.discard(w)
         self._any.discard(w)
+        if w._stop is not None:
+            engine_subs = self._by_stop.get(w._stop)
+            if engine_subs is not None:
+                engine_subs.discard(w)
+                if not engine_subs:
+                    del self._by_stop[w._stop]
         for want in w.cmd.labels:
             if want:
                 pair = next(iter(want.items()))
@@ -243,11 +254,12 @@ class Tail:
             w.wake()
 
     def _sweep(self) -> None:
-        """Let go of watchers closed by their engine's shutdown (which wakes blind, so the
-        reader reads and gets here); a closed watcher leaves by itself."""
-        for w in [w for w in self._subs if w.closed]:
-            self.leave(w)
-            w.wake()
+        """Let go of the watchers of engines that shut down (a shutdown wakes blind, which
+        gets here); a watcher closed on its own leaves by itself."""
+        for stop in [stop for stop in self._by_stop if stop.is_set()]:
+            for w in list(self._by_stop.get(stop, ())):
+                self.leave(w)
+                w.wake()
 
     def _candidates(self, state: State) -> list[Watcher]:
         found: set[Watcher] = set(self._any)
