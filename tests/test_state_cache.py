@@ -97,3 +97,24 @@ def test_a_big_version_is_encoded_each_time_and_not_kept() -> None:
         cache.write(out, big)
         assert bytes(out) == _plain(big)
     assert len(cache) == 0 and cache.hits == 0
+
+
+async def test_the_server_answers_repeated_pages_from_its_cache_byte_for_byte() -> None:
+    from tests.netserver import serve
+
+    backing = fs.MemoryDriver()
+    server = serve(backing)
+    net = fs.NetDriver(server.url)
+    await net.open()
+    try:
+        for i in range(5):
+            await net.commit(fs.commit(fs.park(fs.StateCtx(current=_state(i)))))
+        first = await net.get_states(fs.get_states())
+        second = await net.get_states(fs.get_states())
+        assert [s.id for s in first.states] == [f"s-{i:04d}" for i in range(5)]
+        assert first.states == second.states
+        assert first.states == (await backing.get_states(fs.get_states())).states
+        cache = server.app.rpc.encoded
+        assert cache.hits >= 5
+    finally:
+        await net.close()

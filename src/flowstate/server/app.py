@@ -27,11 +27,12 @@ from flowstate.flow import FlowRegistry
 from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
 from flowstate.server.driver_service import METHODS, perform_method
-from flowstate.server.ui import UI, is_public
 from flowstate.server.guard import FORBIDDEN, HostGuard, SecurityHeaders, bearer_matches
+from flowstate.server.ui import UI, is_public
 from flowstate.server.ui.routes import unhosted_flows
 from flowstate.state import StateCtx
 from flowstate.wire import codec
+from flowstate.wire.state_cache import EncodedStates
 
 log = logging.getLogger("flowstate.server")
 
@@ -218,8 +219,8 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     flows: FlowRegistry | None = None,
     engine: Engine | None = None,
-) -> ASGIApp:
     allowed_hosts: Iterable[str] = (),
+) -> ASGIApp:
     """The flowstate.v1 server for ``driver`` as an ASGI app.
 
     The Driver service runs requests straight against ``driver``; the Flow service hands
@@ -361,8 +362,8 @@ class LeanRoutes:
         self.rpc = rpc
         self.token = None if token is None else token.encode()
         self.cors = cors
-
         self.guard = guard or HostGuard()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -412,7 +413,6 @@ class LeanRoutes:
                 await send({"type": "http.response.body", "body": payload})
                 return
         await self.app(scope, receive, send)
-
 
     async def _refuse(
         self, scope: Scope, status: int, message: str, ctype: str | None, http1: bool, send: Send
@@ -474,6 +474,8 @@ class _Rpc:
         self.runtime = runtime
         self.max_body = max_body
         self.in_flight = _BytesInFlight(MAX_ANSWER_BYTES_IN_FLIGHT)
+        # this server's store only: encodings of the versions its answers carried
+        self.encoded = EncodedStates()
 
     async def call(
         self,
@@ -509,7 +511,7 @@ class _Rpc:
                     async with self.in_flight.hold(size):
                         payload = await asyncio.to_thread(_encode, cmd, as_json)
                 else:
-                    payload = codec.encode_command(cmd, json=as_json)
+                    payload = codec.encode_command(cmd, json=as_json, states=self.encoded)
             else:
                 if len(body) > OFFLOAD_BYTES:
                     ctx = await asyncio.to_thread(_decode, codec.decode_state_ctx, body, as_json)

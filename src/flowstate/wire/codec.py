@@ -15,6 +15,7 @@ from flowstate.state import StateCtx
 from flowstate.wire import json_codec, proto_codec
 from flowstate.wire.errors import WireError
 from flowstate.wire.json_codec import Dialect
+from flowstate.wire.state_cache import EncodedStates
 
 __all__ = [
     "JSON",
@@ -50,11 +51,18 @@ def content_type(json: bool) -> str:
     return JSON if json else PROTO
 
 
-def encode_command(cmd: Command, *, json: bool = False, dialect: Dialect = "go") -> bytes:
-    """Encode ``cmd`` with its ``state_ctxs`` list; ``dialect`` applies to JSON only."""
+def encode_command(
+    cmd: Command,
+    *,
+    json: bool = False,
+    dialect: Dialect = "go",
+    states: EncodedStates | None = None,
+) -> bytes:
+    """Encode ``cmd`` with its ``state_ctxs`` list; ``dialect`` applies to JSON only, and
+    ``states`` (a store's cache of encoded versions) to protobuf only."""
     if json:
         return json_codec.encode_command(cmd, dialect=dialect)
-    return proto_codec.encode_command(cmd)
+    return proto_codec.encode_command(cmd, states)
 
 
 def decode_command(body: Body, *, json: bool = False) -> Command:

@@ -73,6 +73,7 @@ from flowstate.wire.limits import (
     too_many,
 )
 from flowstate.wire.refs import state_ctxs
+from flowstate.wire.state_cache import EncodedStates
 
 __all__ = [
     "decode_command",
@@ -218,7 +219,9 @@ def _write_get_state_by_labels(out: bytearray, cmd: GetStateByLabelsCmd, refs: R
     _put_ref(out, 0x12, cmd.ctx, refs)
 
 
-def _write_get_states(out: bytearray, cmd: GetStatesCmd, refs: Refs) -> None:
+def _write_get_states(
+    out: bytearray, cmd: GetStatesCmd, refs: Refs, states: EncodedStates | None = None
+) -> None:
     if cmd.since_rev:
         put_int64(out, 0x08, cmd.since_rev, "get_states.since_rev")
     if cmd.since_time is not None:
@@ -234,9 +237,10 @@ def _write_get_states(out: bytearray, cmd: GetStatesCmd, refs: Refs) -> None:
     result = cmd.result
     if result is not None:
         start = open_message(out, 0x32)
+        write = write_state if states is None else states.write
         for state in result.states:
             sub = open_message(out, 0x0A)
-            write_state(out, state)
+            write(out, state)
             close_message(out, sub)
         if result.more:
             out += b"\x10\x01"
@@ -303,8 +307,10 @@ def _encode_failure(exc: Exception, where: str) -> WireError:
     return WireError(where, f"cannot encode: {exc}")
 
 
-def encode_command(cmd: Command) -> bytes:
-    """Encode ``cmd`` as a binary Command: the ``state_ctxs`` list, then its command field."""
+def encode_command(cmd: Command, states: EncodedStates | None = None) -> bytes:
+    """Encode ``cmd`` as a binary Command: the ``state_ctxs`` list, then its command field.
+    ``states``: the store's cache of encoded versions, for the states of a GetStates answer
+    (see :mod:`flowstate.wire.state_cache`; the event loop's thread only)."""
     ctxs, refs = state_ctxs(cmd)
     out = bytearray()
     try:
@@ -315,7 +321,12 @@ def encode_command(cmd: Command) -> bytes:
             except ValidationError as exc:
                 raise WireError(f"state_ctxs[{i}].{exc.field}", exc.reason) from None
             close_message(out, start)
-        _write_command_field(out, cmd, refs)
+        if states is not None and type(cmd) is GetStatesCmd:
+            start = open_message(out, _GET_STATES)
+            _write_get_states(out, cmd, refs, states)
+            close_message(out, start)
+        else:
+            _write_command_field(out, cmd, refs)
     except (ValidationError, UnicodeEncodeError, AttributeError, TypeError, ValueError) as exc:
         raise _encode_failure(exc, "command") from None
     return bytes(out)
