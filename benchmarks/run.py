@@ -198,12 +198,22 @@ def build_jobs(cfg: dict[str, Any], backends: list[str], dbos: bool) -> list[dic
         server = {"stack": cfg.get("server_stack", "default"), "connections": 16}
         jobs.append(_hook("server_cpu", {**server, "seconds": secs}))
         jobs.append(_hook("client_cpu", {"callers": 16, "seconds": secs}))
+        # hostile bodies against `/health` latency: 20 s in a full run, 3 s in a smoke run
+        jobs.append(_hook("hostile", {"seconds": max(3.0, secs * 4)}))
     for i, job in enumerate(jobs):
         job["job"] = f"{i}_{job['scenario']}"
     return jobs
 
 
-THEIRS = {"dbos", "sqlite_queries", "pg_queries", "server_cpu", "client_cpu", "codec"}
+THEIRS = {
+    "dbos",
+    "sqlite_queries",
+    "pg_queries",
+    "server_cpu",
+    "client_cpu",
+    "codec",
+    "hostile",
+}
 
 
 def _hook(module: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -1100,6 +1110,7 @@ def render_issue13(report: dict[str, Any]) -> list[str]:
         "server_cpu",
         "client_cpu",
         "codec",
+        "hostile",
     ]
     lines = []
     for h in hooks:
@@ -1517,7 +1528,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated scenario names to run "
         "(floor,raw_sqlite,raw_pg,commit,contention,flows,dbos,watch,watch_xproc,"
-        "watchers,fanout,delay,recovery,longlived,server_cpu,client_cpu,codec,"
+        "watchers,fanout,delay,recovery,longlived,server_cpu,client_cpu,codec,hostile,"
         "sqlite_queries,pg_queries)",
     )
     ap.add_argument(
