@@ -216,6 +216,34 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, bytes.")] = (
         16 * 2**20
     ),
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also answer requests sent to this host name (*.example.com: its subdomains, "
+            "*: any); repeatable (or FLOWSTATE_ALLOWED_HOSTS). Loopback names and IP "
+            "addresses are always allowed.",
+            show_default=False,
+        ),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--body-timeout",
+            help="Seconds a request may send nothing while its head or body is due "
+            "(or FLOWSTATE_BODY_TIMEOUT; default 30).",
+            show_default=False,
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            "--max-connections",
+            help="Open connections at most; more are closed at once (or "
+            "FLOWSTATE_MAX_CONNECTIONS; default 1000, at most half the open-file limit).",
+            show_default=False,
+        ),
+    ] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Run a demo workflow.")] = False,
     recoverer: Annotated[
         bool | None,
@@ -254,6 +282,9 @@ def serve(
             demo=demo,
             recoverer=recoverer,
             delayer=delayer,
+            allowed_hosts=allowed_host or (),
+            body_timeout=body_timeout,
+            max_connections=max_connections,
         )
     except ValidationError as exc:
         fail(str(exc), 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowstate.drivers.base import Driver
 from flowstate.engine import Engine
@@ -35,6 +37,14 @@ DEFAULT_STORE = "sqlite:///flowstate.db"
 DEFAULT_ADDR = "127.0.0.1:8080"
 #: Seconds in-flight requests get to finish on shutdown (as the Go app).
 GRACE = 30.0
+#: Seconds a request may send nothing while its head or body is still due: then it is
+#: answered 408 and its connection closed (or just closed once its answer has begun).
+DEFAULT_BODY_TIMEOUT = 30.0
+#: Open connections at most (by default; lowered to half the file-descriptor limit): a new
+#: connection beyond it is closed at once.
+DEFAULT_MAX_CONNECTIONS = 1000
+#: Seconds between two log lines about connections that could not be accepted or were refused.
+ACCEPT_LOG_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -52,6 +62,11 @@ class Settings:
     #: clients that run their own; docs/serving.md).
     recoverer: bool = True
     delayer: bool = True
+    #: Host names besides loopback names and IP addresses that requests may be sent to.
+    allowed_hosts: tuple[str, ...] = ()
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    #: None: :func:`default_max_connections`.
+    max_connections: int | None = None
 
 
 def settings(
@@ -64,6 +79,9 @@ def settings(
     demo: bool = False,
     recoverer: bool | None = None,
     delayer: bool | None = None,
+    allowed_hosts: Sequence[str] = (),
+    body_timeout: float | None = None,
+    max_connections: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Arguments completed by the environment (wire.md §10, plus ours).
@@ -73,8 +91,10 @@ def settings(
     ``FLOWSTATE_BADGERDRIVER_IN_MEMORY``) for the store, ``FLOWSTATE_ADDR``, and ours:
     ``FLOWSTATE_STORE``, ``FLOWSTATE_TOKEN``, ``FLOWSTATE_CORS_ORIGINS`` (comma-separated),
     ``FLOWSTATE_MAX_BODY``, ``FLOWSTATE_NO_RECOVERER`` and ``FLOWSTATE_NO_DELAYER`` (``1`` or
-    ``true`` turns the role off when ``recoverer``/``delayer`` is None). ``FLOWSTATE_HTTP_HOST``
-    is the address advertised for remote flows (default: derived from the listen address).
+    ``true`` turns the role off when ``recoverer``/``delayer`` is None),
+    ``FLOWSTATE_ALLOWED_HOSTS`` (comma-separated), ``FLOWSTATE_BODY_TIMEOUT`` (seconds) and
+    ``FLOWSTATE_MAX_CONNECTIONS``. ``FLOWSTATE_HTTP_HOST`` is the address advertised for remote
+    flows (default: derived from the listen address).
     """
     env = os.environ if env is None else env
     if store == DEFAULT_STORE:
@@ -90,6 +110,22 @@ def settings(
         if not raw.isdigit() or int(raw) <= 0:
             raise ValidationError("FLOWSTATE_MAX_BODY", f"{raw!r} is not a positive integer")
         max_body = int(raw)
+    if not allowed_hosts and env.get("FLOWSTATE_ALLOWED_HOSTS"):
+        allowed_hosts = [h.strip() for h in env["FLOWSTATE_ALLOWED_HOSTS"].split(",") if h.strip()]
+    if body_timeout is None:
+        seconds = env.get("FLOWSTATE_BODY_TIMEOUT")
+        body_timeout = (
+            _positive(seconds, "FLOWSTATE_BODY_TIMEOUT") if seconds else DEFAULT_BODY_TIMEOUT
+        )
+    elif not body_timeout > 0:
+        raise ValidationError("body_timeout", f"{body_timeout!r} is not a positive number")
+    if max_connections is None and env.get("FLOWSTATE_MAX_CONNECTIONS"):
+        raw = env["FLOWSTATE_MAX_CONNECTIONS"]
+        if not raw.isdigit() or int(raw) <= 0:
+            raise ValidationError("FLOWSTATE_MAX_CONNECTIONS", f"{raw!r} is not a positive integer")
+        max_connections = int(raw)
+    elif max_connections is not None and max_connections <= 0:
+        raise ValidationError("max_connections", f"{max_connections} is not a positive integer")
     if recoverer is None:
         recoverer = not _switch(env, "FLOWSTATE_NO_RECOVERER")
     if delayer is None:
@@ -97,8 +133,43 @@ def settings(
     host, port = parse_addr(addr)
     http_host = env.get("FLOWSTATE_HTTP_HOST") or _advertised(host, port)
     return Settings(
-        store, addr, token, tuple(cors_origins), max_body, http_host, demo, recoverer, delayer
+        store,
+        addr,
+        token,
+        tuple(cors_origins),
+        max_body,
+        http_host,
+        demo,
+        recoverer,
+        delayer,
+        allowed_hosts=tuple(allowed_hosts),
+        body_timeout=body_timeout,
+        max_connections=max_connections,
     )
+
+
+def _positive(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValidationError(name, f"{raw!r} is not a positive number of seconds")
+    return value
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or half the soft limit on open files if that is lower (the
+    other half is left to the store, logs and the listening socket)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return DEFAULT_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft // 2))
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -285,8 +356,17 @@ async def serve_app(
     *,
     ready: Callable[[], None] | None = None,
     stack: str | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: int | None = None,
 ) -> None:
-    """Serve ``app`` on the listening ``sock`` until ``stop`` is set."""
+    """Serve ``app`` on the listening ``sock`` until ``stop`` is set.
+
+    A request that sends nothing for ``body_timeout`` seconds while its head or body is due is
+    answered 408 (its connection closed); at most ``max_connections`` connections are open at
+    once (None: :func:`default_max_connections`; the uvicorn stack only), a new one beyond is
+    closed at once. Failing accepts (no file descriptor left) are logged once per
+    ACCEPT_LOG_INTERVAL seconds with their count.
+    """
     stack = stack or os.environ.get("FLOWSTATE_SERVER_STACK") or DEFAULT_STACK
     if stack not in STACKS:
         raise ValidationError("stack", f"{stack!r}: expected one of {', '.join(STACKS)}")
@@ -298,8 +378,10 @@ async def serve_app(
         if ui is not None:
             ui.close()  # ends the UI's live streams: the graceful shutdown need not wait for them
 
+    _throttle_accept_errors(asyncio.get_running_loop())
     if stack == "uvicorn":
-        await _serve_split(app, sock, stop, close_streams, ready)
+        cap = max_connections if max_connections is not None else default_max_connections()
+        await _serve_split(app, sock, stop, close_streams, ready, body_timeout, cap)
         return
     _fix_hypercorn_h2()
     config = hypercorn_config(sock)
@@ -308,7 +390,170 @@ async def serve_app(
         await stop.wait()
         close_streams()
 
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    timed = BodyDeadline(app, body_timeout)
+    await hypercorn_serve(timed, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+class Throttled:
+    """A warning about a recurring event, logged at most once per ``interval`` seconds, with
+    how often the event happened since the last line."""
+
+    def __init__(self, what: str, interval: float = ACCEPT_LOG_INTERVAL) -> None:
+        self.what = what
+        self.interval = interval
+        self.count = 0
+        self.since = 0.0
+        self.last = float("-inf")
+
+    def __call__(self, detail: str) -> None:
+        now = time.monotonic()
+        self.count += 1
+        if now - self.last < self.interval:
+            return
+        if self.last == float("-inf"):
+            log.warning("%s: %s", self.what, detail)
+        else:
+            log.warning(
+                "%s: %s (%d times in the last %.0f s)",
+                self.what,
+                detail,
+                self.count,
+                now - self.since,
+            )
+        self.count, self.since, self.last = 0, now, now
+
+
+#: errno values of an accept that fails for want of resources (asyncio and uvloop retry).
+_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+    if hasattr(errno, name)
+)
+
+
+class _OneFailurePerRound:
+    """The listening socket as asyncio's accept loop sees it: after one accept failed for want
+    of resources, the rest of the round reads as "nothing to accept".
+
+    CPython's selector loop (3.11) keeps accepting after such a failure, scheduling another
+    retry for each of up to ``backlog`` attempts: with the file-descriptor table full that made
+    hundreds of thousands of failures (and log lines) in seconds, and at shutdown one error per
+    retry still pending. Stopping the round leaves the loop's own retry, one per second.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.failed = False
+
+    def accept(self) -> Any:
+        if self.failed:
+            raise BlockingIOError
+        try:
+            return self.sock.accept()
+        except OSError as exc:
+            if exc.errno in _ACCEPT_ERRNOS:
+                self.failed = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def _fix_accept_rounds(loop: asyncio.AbstractEventLoop) -> None:
+    """Give an asyncio selector loop's accept callback a :class:`_OneFailurePerRound` socket
+    (uvloop accepts on its own: left alone)."""
+    original = getattr(loop, "_accept_connection", None)
+    if original is None or getattr(original, "_flowstate_fix", False):
+        return
+
+    def accept(protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(sock, _OneFailurePerRound):  # a retry scheduled with our wrapper
+            sock = sock.sock
+        return original(protocol_factory, _OneFailurePerRound(sock), *args, **kwargs)
+
+    accept._flowstate_fix = True  # type: ignore[attr-defined]
+    loop._accept_connection = accept  # type: ignore[attr-defined]
+
+
+def _throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Route the event loop's reports of failing accepts (no file descriptor left) through a
+    Throttled warning, and keep asyncio's loop from retrying them in a tight loop."""
+    _fix_accept_rounds(loop)
+    previous = loop.get_exception_handler()
+    report = Throttled("cannot accept connections")
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
+            report(exc.strerror or str(exc))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class BodyDeadline:
+    """A request body that sends nothing for ``timeout`` seconds is answered 408, for servers
+    that cannot time it themselves (hypercorn: h2c, and HTTP/1.1 in its stack): the app then
+    reads ``http.disconnect`` and whatever it sends is dropped."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = started = answered = False
+        timeout = self.timeout
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, answered
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await receive()
+            except TimeoutError:
+                body_done = True
+                if not started:
+                    answered = True
+                    payload = stalled_answer(timeout)
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 408,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(payload)),
+                                (b"connection", b"close"),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": payload})
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, timed_receive, guarded_send)
+
+
+def stalled_answer(timeout: float) -> bytes:
+    """The JSON error body of a request that stalled for ``timeout`` seconds."""
+    message = f"request timed out: nothing received for {timeout:g} s"
+    return json.dumps({"code": "deadline_exceeded", "message": message}).encode()
 
 
 #: The client preface that opens an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
@@ -364,9 +609,16 @@ async def _serve_split(
     stop: asyncio.Event,
     close_streams: Callable[[], None],
     ready: Callable[[], None] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """HTTP/1.1 by uvicorn's httptools protocol, HTTP/2 (prior knowledge or ``Upgrade: h2c``)
-    by hypercorn, on one socket: each connection goes to one of them by its first bytes."""
+    by hypercorn, on one socket: each connection goes to one of them by its first bytes.
+
+    Stalls are timed here: on HTTP/1.1 by the protocol (a request whose head or body sends
+    nothing for ``body_timeout`` seconds is answered 408 and closed), on h2c per stream by
+    :class:`BodyDeadline`. At most ``max_connections`` connections are open: a new one beyond
+    is closed at once (logged through a Throttled warning)."""
     import httptools
     import uvicorn
     from hypercorn.asyncio.tcp_server import TCPServer
@@ -374,19 +626,78 @@ async def _serve_split(
     from hypercorn.utils import wrap_app
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    connections = 0
+    refused = Throttled("connection refused")
+
+    def release() -> None:
+        nonlocal connections
+        connections -= 1
+
     class H1(HttpToolsProtocol):
-        """uvicorn's protocol with a bound on the request head."""
+        """uvicorn's protocol with a bound on the request head and a timeout on stalled
+        requests (uvicorn waits for a stalled head or body forever)."""
 
         _head = 0
+        _in_head = False
+        _reading = False
+        _stall: asyncio.TimerHandle | None = None
 
         def _count(self, size: int) -> None:
             self._head += size
             if self._head > MAX_HEAD:
                 raise httptools.HttpParserError(f"request head over {MAX_HEAD} bytes")
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def _watch(self) -> None:
+            """(Re)start the stall timer while a request is being read, else stop it."""
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            if self._reading and not self.transport.is_closing():
+                self._stall = loop.call_later(body_timeout, self._stalled)
+
+        def _stalled(self) -> None:
+            self._stall = None
+            if self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # we stopped reading, the app has not taken the body
+                self._watch()
+                return
+            cycle = self.cycle
+            if self._in_head or cycle is None or not cycle.response_started:
+                if cycle is not None and not self._in_head:
+                    # the app reads http.disconnect; whatever it answers is dropped
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+                payload = stalled_answer(body_timeout)
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
+                )
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            release()
+            super().connection_lost(exc)
+
         def on_message_begin(self) -> None:
             self._head = 0
+            self._in_head = self._reading = True
             super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._reading = False
+            super().on_message_complete()
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
@@ -400,7 +711,11 @@ async def _serve_split(
     loop = asyncio.get_running_loop()
     h2_config = hypercorn_settings()
     h2_context = WorkerContext(None)
-    h2_app = wrap_app(app, h2_config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    h2_app = wrap_app(
+        BodyDeadline(app, body_timeout),  # type: ignore[arg-type]
+        h2_config.wsgi_max_body_size,
+        "asgi",
+    )
     h2_tasks: set[asyncio.Task[None]] = set()
 
     async def h2_connection(
@@ -421,9 +736,17 @@ async def _serve_split(
             self.config, self.server_state, self.app_state = config, server_state, app_state
             self.buffer = b""
             self.transport: asyncio.Transport | None = None
-            self.timer: asyncio.TimerHandle
+            self.timer: asyncio.TimerHandle | None = None
+            self.counted = False  # counts against max_connections until handed over or lost
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            nonlocal connections
+            if connections >= max_connections:
+                refused(f"{connections} connections open, the most allowed (--max-connections)")
+                transport.abort()  # type: ignore[attr-defined]  # a Transport (uvloop's too)
+                return
+            connections += 1
+            self.counted = True
             self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
             # as idle keep-alive connections: one that never tells its protocol is closed
             self.timer = loop.call_later(FIRST_BYTES_TIMEOUT, transport.close)
@@ -432,11 +755,15 @@ async def _serve_split(
             buffer = self.buffer + data
             kind = first_protocol(buffer)
             transport = self.transport
+            if self.timer is not None:
+                self.timer.cancel()
             if kind is None or transport is None:
                 self.buffer = buffer
+                if transport is not None:  # a request has begun: it may not stall
+                    self.timer = loop.call_later(body_timeout, transport.close)
                 return
             self.buffer = b""
-            self.timer.cancel()
+            self.counted = False  # the protocol it is handed to releases it
             if kind == "h1":
                 h1 = H1(self.config, self.server_state, self.app_state, loop)
                 transport.set_protocol(h1)
@@ -452,13 +779,18 @@ async def _serve_split(
             task = loop.create_task(h2_connection(reader, writer, self.app_state))
             h2_tasks.add(task)
             task.add_done_callback(h2_tasks.discard)
+            task.add_done_callback(lambda _: release())
 
         def eof_received(self) -> bool:
             return False  # closes the transport
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.transport = None
-            self.timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.counted:
+                self.counted = False
+                release()
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -514,13 +846,17 @@ def serve(
     demo: bool = False,
     recoverer: bool | None = None,
     delayer: bool | None = None,
+    allowed_hosts: Sequence[str] = (),
+    body_timeout: float | None = None,
+    max_connections: int | None = None,
 ) -> None:
     """Run the flowstate server until SIGINT or SIGTERM (a second signal exits at once).
 
     Serves the Driver service on ``store``, the Flow service with an engine whose flows are
     advertised through the store, HTTP/1.1 and h2c. The engine runs a recoverer and a delayer
     unless ``recoverer``/``delayer`` is False (None: as ``FLOWSTATE_NO_RECOVERER`` and
-    ``FLOWSTATE_NO_DELAYER`` say; both off make the server a pure store).
+    ``FLOWSTATE_NO_DELAYER`` say; both off make the server a pure store). ``allowed_hosts``,
+    ``body_timeout`` and ``max_connections``: see :func:`run_server`.
     """
     s = settings(
         store,
@@ -531,6 +867,9 @@ def serve(
         demo=demo,
         recoverer=recoverer,
         delayer=delayer,
+        allowed_hosts=allowed_hosts,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
     )
     _json_logging()
     if (os.environ.get("FLOWSTATE_SERVER_LOOP") or DEFAULT_LOOP) == "uvloop":
@@ -547,7 +886,8 @@ def serve(
 async def _serve(s: Settings) -> None:
     stop = asyncio.Event()
     _on_signals(stop)
-    sock = listen(*parse_addr(s.addr))
+    host, port = parse_addr(s.addr)
+    sock = listen(host, port)
     try:
         await run_server(
             _open_store(s.store),
@@ -561,6 +901,9 @@ async def _serve(s: Settings) -> None:
             delayer=s.delayer,
             stop=stop,
             store_name=_redact(s.store),
+            allowed_hosts=(*s.allowed_hosts, host),
+            body_timeout=s.body_timeout,
+            max_connections=s.max_connections,
         )
     finally:
         sock.close()
@@ -580,11 +923,19 @@ async def run_server(
     delayer: bool = True,
     stop: asyncio.Event | None = None,
     store_name: str = "",
+    allowed_hosts: Sequence[str] = (),
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: int | None = None,
 ) -> None:
     """Serve ``driver`` on the listening ``sock`` until ``stop`` is set, as the Go app does:
     store, then a flow registry shared through the store (``http_host`` is this server's
     advertised address; ``flows`` registers the flows hosted here), then an engine with its
-    recoverer and delayer (each unless turned off), then HTTP."""
+    recoverer and delayer (each unless turned off), then HTTP.
+
+    Requests must name this server in ``Host``: a loopback name, an IP address, the host of
+    ``http_host``, this machine's host name when ``sock`` listens on every interface, or one of
+    ``allowed_hosts`` (``"*"``: any). ``body_timeout`` and ``max_connections``: see
+    :func:`serve_app`."""
     from flowstate.netflow import NetFlowRegistry
     from flowstate.server import demo as demo_flows
 
@@ -600,10 +951,15 @@ async def run_server(
     await engine.start()
     try:
         await registry.start()
-        app = create_app(
-            driver, token=token, cors_origins=cors_origins, max_body=max_body, engine=engine
-        )
         bound = sock.getsockname()
+        app = create_app(
+            driver,
+            token=token,
+            cors_origins=cors_origins,
+            max_body=max_body,
+            engine=engine,
+            allowed_hosts=server_names(bound[0], http_host, allowed_hosts),
+        )
         off = [name for name, on in (("recoverer", recoverer), ("delayer", delayer)) if not on]
         log.info(
             "serving %s on %s:%d (advertised as %s)%s%s",
@@ -617,11 +973,28 @@ async def run_server(
         async with contextlib.AsyncExitStack() as stack:
             if demo:
                 await stack.enter_async_context(demo_flows.running(engine))
-            await serve_app(app, sock, stop)
+            await serve_app(
+                app, sock, stop, body_timeout=body_timeout, max_connections=max_connections
+            )
     finally:
         await registry.close()
         await engine.shutdown()
         log.info("stopped")
+
+
+def server_names(bound: str, http_host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The host names a server listening on ``bound`` and advertised as ``http_host`` answers
+    to besides loopback names and IP addresses: those, ``extra``, and this machine's host name
+    when it listens on every interface."""
+    from urllib.parse import urlsplit
+
+    names = list(extra)
+    advertised = urlsplit(http_host).hostname
+    if advertised:
+        names.append(advertised)
+    if bound in ("0.0.0.0", "::", ""):
+        names.append(socket.gethostname())
+    return names
 
 
 def _open_store(store: str) -> Driver:
