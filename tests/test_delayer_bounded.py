@@ -244,7 +244,7 @@ class ReadCounter:
 
     def __init__(self, driver: fs.Driver) -> None:
         self.reads = 0
-        for name in ("get_state", "get_delayed_states", "get_states"):
+        for name in ("get_state", "get_delayed_states", "get_states", "read_states"):
             original = getattr(driver, name)
             setattr(driver, name, self._counted(original))
 

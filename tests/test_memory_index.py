@@ -66,3 +66,18 @@ async def _check(log, sets, since, latest_only, limit) -> None:
         else:
             with pytest.raises(fs.NotFoundError):
                 await d.get_state_by_labels(want_set)
+
+
+async def test_read_states_shares_the_stored_versions_and_get_states_copies() -> None:
+    """read_states (the server's answers, the shared tail) skips the copies; get_states, what
+    users call, still hands out versions they may change without touching the store."""
+    driver = fs.MemoryDriver()
+    await driver.open()
+    await driver.commit(fs.commit(fs.park(_ctx("a", {"k": "v"}))))
+    shared = (await driver.read_states(fs.get_states())).states
+    copied = (await driver.get_states(fs.get_states())).states
+    assert shared == copied
+    assert shared[0] is (await driver.read_states(fs.get_states())).states[0]
+    copied[0].labels["k"] = "changed"
+    assert (await driver.get_states(fs.get_states({"k": "v"}))).states[0].id == "a"
+    await driver.close()

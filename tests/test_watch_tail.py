@@ -31,13 +31,18 @@ class QuerySpy:
     def __init__(self, driver: fs.Driver) -> None:
         self.calls: list[tuple[int, int]] = []
         self.driver = driver
-        inner = driver.get_states
+        # the tail reads through read_states, watchers' own queries through get_states
+        for name in ("get_states", "read_states"):
+            setattr(driver, name, self._spy(getattr(driver, name)))
+
+    def _spy(self, inner: Any) -> Any:
+        driver = self.driver
 
         async def spied(cmd: GetStatesCmd) -> GetStatesResult:
             self.calls.append((cmd.since_rev, driver.notifier.head))
             return await inner(cmd)
 
-        driver.get_states = spied  # type: ignore[method-assign]
+        return spied
 
     def reset(self) -> None:
         self.calls.clear()
@@ -198,7 +203,7 @@ async def test_shutdown_ends_watchers_while_the_tail_read_is_stuck():
             await release.wait()
         return await inner(cmd)
 
-    driver.get_states = hanging  # type: ignore[method-assign]
+    driver.get_states = driver.read_states = hanging  # type: ignore[method-assign]
     w = engine.watch(fs.get_states({"k": "v"}))
     task = asyncio.create_task(_drain(w, []))
     await _until(lambda: driver._tail is not None and driver._tail.subscribers == 1, "a join")
@@ -320,7 +325,7 @@ async def test_a_failing_store_sends_watchers_back_to_their_own_retrying_queries
             raise fs.StoreUnavailableError("down for the test")
         return await inner(cmd)
 
-    driver.get_states = flaky  # type: ignore[method-assign]
+    driver.get_states = driver.read_states = flaky  # type: ignore[method-assign]
     got: list[fs.State] = []
     w = engine.watch(fs.get_states({"k": "v"}))
     task = asyncio.create_task(_drain(w, got))

@@ -187,7 +187,7 @@ class Tail:
         try:
             while self._subs:
                 self._dirty = False  # what is announced from now on is read next time
-                result = await driver.get_states(GetStatesCmd(since_rev=self.rev, limit=PAGE))
+                result = await driver.read_states(GetStatesCmd(since_rev=self.rev, limit=PAGE))
                 self._dispatch(result)
                 self._sweep()
                 if result.more or self._dirty:

@@ -470,6 +470,13 @@ class Driver(abc.ABC):
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
         """Matching versions in rev order (behaviour.md §2.7); never hides a lower rev later."""
 
+    async def read_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        """:meth:`get_states` for a reader that only reads what it gets (the server encoding an
+        answer, the shared tail copying for its watchers): the versions may be the store's own
+        objects, which the caller must never change. Drivers that hand out copies anyway keep
+        this default; the memory driver skips its copies here."""
+        return await self.get_states(cmd)
+
     @abc.abstractmethod
     async def delay(self, delayed: DelayedState) -> int:
         """Append a delayed state; returns its offset."""

@@ -101,6 +101,16 @@ class MemoryDriver(Driver):
         return (log[r - 1] for r in merged)
 
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        result = self._page(cmd)
+        result.states = [s.copy() for s in result.states]
+        return result
+
+    async def read_states(self, cmd: GetStatesCmd) -> GetStatesResult:
+        """The stored versions themselves: they are never changed once committed (a commit
+        appends new ones), and the caller promises not to change them."""
+        return self._page(cmd)
+
+    def _page(self, cmd: GetStatesCmd) -> GetStatesResult:
         log, sets = self._log, cmd.labels
         since_ms = to_millis(cmd.since_time) if cmd.since_time is not None else None
 
@@ -121,7 +131,7 @@ class MemoryDriver(Driver):
                 if len(out) == cmd.limit:
                     more = True
                     break
-                out.append(s.copy())
+                out.append(s)
         return GetStatesResult(out, more, 0 if more else len(log))
 
     async def delay(self, delayed: DelayedState) -> int:
