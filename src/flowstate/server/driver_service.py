@@ -105,7 +105,7 @@ async def get_states(driver: Driver, cmd: Command) -> int:
     assert isinstance(cmd, GetStatesCmd)
     perform.normalize_get_states(cmd)
     cmd.limit = min(cmd.limit, MAX_PAGE)
-    result = cmd.result = await driver.get_states(cmd)
+    result = cmd.result = await driver.read_states(cmd)  # only encoded: no copies needed
     states = result.states
     n, size = _cut(states, state_size, MAX_PAGE_BYTES)
     if n < len(states):
