@@ -257,7 +257,10 @@ def test_end_and_retry_from_the_page(page: Any, tmp_path: Path) -> None:
     page.click("#action-end")
     assert page.inner_text("#action-end").startswith("Confirm")
     page.click("#action-end")
-    page.wait_for_function("document.querySelector('#action-status').textContent.includes('End')")
+    # a function, not an expression: Playwright evals expressions, which the page's CSP forbids
+    page.wait_for_function(
+        "() => document.querySelector('#action-status').textContent.includes('End')"
+    )
     page.wait_for_selector("#state-rev >> text=3")
     assert "ended" in page.inner_text(".detail-head")
 
