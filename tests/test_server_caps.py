@@ -190,6 +190,8 @@ class _Broken(fs.MemoryDriver):
     async def get_states(self, cmd: GetStatesCmd) -> GetStatesResult:
         raise RuntimeError("the disk caught fire")
 
+    read_states = get_states  # what the server reads through
+
 
 def test_each_5xx_cause_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     server = netserver.serve(_Broken())

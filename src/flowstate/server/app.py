@@ -26,7 +26,7 @@ from flowstate.errors import FlowstateError, ValidationError
 from flowstate.flow import FlowRegistry
 from flowstate.server import connect
 from flowstate.server.connect import JSON, PROTO, WireErrorBody
-from flowstate.server.driver_service import METHODS, perform_method
+from flowstate.server.driver_service import METHODS, perform_method, state_size
 from flowstate.server.guard import FORBIDDEN, HostGuard, SecurityHeaders, bearer_matches
 from flowstate.server.ui import UI, is_public
 from flowstate.server.ui.routes import unhosted_flows
@@ -503,9 +503,11 @@ class _Rpc:
                     cmd = await asyncio.to_thread(_decode, codec.decode_command, body, as_json)
                 else:
                     cmd = _decode(codec.decode_command, body, as_json)
-                size = max(
-                    len(body), await perform_method(await self.runtime.store(), method, cmd)
-                )
+                # protobuf answers measure their states by encoding them into the cache, so
+                # the encoding below takes them from there (a JSON answer cannot)
+                size_of = state_size if as_json else self.encoded.size
+                store = await self.runtime.store()
+                size = max(len(body), await perform_method(store, method, cmd, size_of))
                 del body  # an answer may be large too: do not hold both
                 if size > OFFLOAD_BYTES:
                     async with self.in_flight.hold(size):

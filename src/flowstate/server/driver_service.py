@@ -26,9 +26,12 @@ from flowstate.wire.limits import MAX_PAGE_ITEMS
 
 T = TypeVar("T")
 
+#: How the states of an answer are measured: :func:`state_size`, or the encoded size from the
+#: server's cache of encodings (which then also serves the answer's encoding).
+SizeOf = Callable[[State], int]
 #: A handler performs the command and returns the approximate size of its answer in bytes
 #: (0 when small: the request's own size is a bound then).
-Handler = Callable[[Driver, Command], Awaitable[int]]
+Handler = Callable[[Driver, Command, SizeOf], Awaitable[int]]
 
 #: The most states (or delayed states) one answer carries; a larger limit is cut to it and
 #: ``more`` tells the client to ask for the next page. Also what the codecs accept in a page.
@@ -87,27 +90,27 @@ def command_name(cmd: Command) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in base).lstrip("_")
 
 
-async def get_state_by_id(driver: Driver, cmd: Command) -> int:
+async def get_state_by_id(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, GetStateByIdCmd)
     perform.check_get_state_by_id(cmd)
     load_into(cmd.ctx, await driver.get_state(cmd.id, cmd.rev))
     return 2 * state_size(cmd.ctx.current)  # current and committed
 
 
-async def get_state_by_labels(driver: Driver, cmd: Command) -> int:
+async def get_state_by_labels(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, GetStateByLabelsCmd)
     perform.check_map(cmd.labels, "get_state_by_labels.labels")
     load_into(cmd.ctx, await driver.get_state_by_labels(cmd.labels))
     return 2 * state_size(cmd.ctx.current)
 
 
-async def get_states(driver: Driver, cmd: Command) -> int:
+async def get_states(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, GetStatesCmd)
     perform.normalize_get_states(cmd)
     cmd.limit = min(cmd.limit, MAX_PAGE)
     result = cmd.result = await driver.read_states(cmd)  # only encoded: no copies needed
     states = result.states
-    n, size = _cut(states, state_size, MAX_PAGE_BYTES)
+    n, size = _cut(states, size_of, MAX_PAGE_BYTES)
     if n < len(states):
         # the page ends early: the client asks again from the last state it got
         del states[n:]
@@ -120,7 +123,7 @@ def _delayed_size(delayed: DelayedState) -> int:
     return state_size(delayed.state) + 16
 
 
-async def get_delayed_states(driver: Driver, cmd: Command) -> int:
+async def get_delayed_states(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, GetDelayedStatesCmd)
     perform.normalize_get_delayed_states(cmd, driver.clock.now())
     cmd.limit = min(cmd.limit, MAX_PAGE)
@@ -135,7 +138,7 @@ async def get_delayed_states(driver: Driver, cmd: Command) -> int:
     return size
 
 
-async def delay(driver: Driver, cmd: Command) -> int:
+async def delay(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, DelayCmd)
     delayed = perform.prepare_delay(cmd, driver.clock.now())
     delayed.offset = await driver.delay(delayed)
@@ -143,13 +146,13 @@ async def delay(driver: Driver, cmd: Command) -> int:
     return 0
 
 
-async def commit(driver: Driver, cmd: Command) -> int:
+async def commit(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     assert isinstance(cmd, CommitCmd)
     await driver.commit(cmd)
     return 0
 
 
-async def get_data(driver: Driver, cmd: Command) -> int:
+async def get_data(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     """Always loads, even when the request already carries that data rev (as Go does)."""
     assert isinstance(cmd, GetDataCmd)
     if cmd.alias:
@@ -160,7 +163,7 @@ async def get_data(driver: Driver, cmd: Command) -> int:
     return len(data.blob) * 4 // 3 + 2 * state_size(cmd.ctx.current)
 
 
-async def store_data(driver: Driver, cmd: Command) -> int:
+async def store_data(driver: Driver, cmd: Command, size_of: SizeOf = state_size) -> int:
     """Always stores, even data the client's checksum says is clean (as Go does), and sets the
     state's reference annotation (Go leaves that to the client, which sets the same value)."""
     assert isinstance(cmd, StoreDataCmd)
@@ -185,13 +188,16 @@ METHODS: dict[str, tuple[type, Handler]] = {
 }
 
 
-async def perform_method(driver: Driver, method: str, cmd: Command) -> int:
+async def perform_method(
+    driver: Driver, method: str, cmd: Command, size_of: SizeOf = state_size
+) -> int:
     """Run ``cmd`` as Driver method ``method``; ValidationError if it carries another command.
-    Returns about how many bytes the answer takes (0: no more than the request)."""
+    Returns about how many bytes the answer takes (0: no more than the request), its states
+    measured by ``size_of``."""
     expected, handler = METHODS[method]
     if type(cmd) is not expected:
         raise ValidationError(
             "command",
             f"{method} expects a {_FIELD_NAMES[expected]} command, got {command_name(cmd)}",
         )
-    return await handler(driver, cmd)
+    return await handler(driver, cmd, size_of)

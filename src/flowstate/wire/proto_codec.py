@@ -237,11 +237,14 @@ def _write_get_states(
     result = cmd.result
     if result is not None:
         start = open_message(out, 0x32)
-        write = write_state if states is None else states.write
-        for state in result.states:
-            sub = open_message(out, 0x0A)
-            write(out, state)
-            close_message(out, sub)
+        if states is not None:
+            for state in result.states:
+                states.write_entry(out, state)
+        else:
+            for state in result.states:
+                sub = open_message(out, 0x0A)
+                write_state(out, state)
+                close_message(out, sub)
         if result.more:
             out += b"\x10\x01"
         if result.scanned_rev:  # an extension of flowstate.v1; Go skips the unknown field

@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from flowstate.state import State
-from flowstate.wire.binary import write_state
+from flowstate.wire.binary import close_message, open_message, write_state
 
 #: Bytes of encodings one store's cache holds by default.
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
@@ -24,19 +24,21 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_ENTRY = 64 * 1024
 
 _Key = tuple[str, int, datetime]
+#: ``GetStatesResult.states``: field 1, length-delimited.
+_STATES_FIELD = 0x0A
 
 
 class EncodedStates:
-    """Encodings of stored versions (the fields of a ``State`` message), bounded in bytes."""
+    """Encodings of stored versions (as entries of a GetStates answer), bounded in bytes."""
 
-    __slots__ = ("_items", "hits", "max_bytes", "max_entry", "misses", "size")
+    __slots__ = ("_items", "hits", "max_bytes", "max_entry", "misses", "nbytes")
 
     def __init__(
         self, max_bytes: int = DEFAULT_MAX_BYTES, max_entry: int = DEFAULT_MAX_ENTRY
     ) -> None:
         self.max_bytes = max_bytes
         self.max_entry = min(max_entry, max_bytes)
-        self.size = 0
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
         self._items: dict[_Key, bytes] = {}
@@ -44,28 +46,49 @@ class EncodedStates:
     def __len__(self) -> int:
         return len(self._items)
 
-    def write(self, out: bytearray, state: State) -> None:
-        """Append the fields of ``state`` (a stored version: rev and commit time set) to
-        ``out``, as :func:`flowstate.wire.binary.write_state` would."""
+    def write_entry(self, out: bytearray, state: State) -> None:
+        """Append ``state`` as an entry of ``GetStatesResult.states`` (field 1: its tag, its
+        length, its fields), exactly as the plain encoder would."""
+        encoded = self._lookup(state)
+        if encoded is not None:
+            out += encoded
+        else:
+            out += _entry(state)
+
+    def size(self, state: State) -> int:
+        """The encoded size of ``state``'s entry; a stored version's encoding is kept, so
+        the answer that carries it next takes it from here."""
+        encoded = self._lookup(state)
+        return len(encoded) if encoded is not None else len(_entry(state))
+
+    def _lookup(self, state: State) -> bytes | None:
+        """The entry of a stored version (made and kept on a miss); None for a version that
+        is not stored or too big to keep."""
         at = state.committed_at
         if not state.rev or at is None:
-            write_state(out, state)  # not a stored version: nothing identifies it
-            return
+            return None  # not a stored version: nothing identifies it
         key = (state.id, state.rev, at)
         items = self._items
         encoded = items.get(key)
         if encoded is not None:
             self.hits += 1
-            out += encoded
-            return
+            return encoded
         self.misses += 1
-        start = len(out)
-        write_state(out, state)
-        size = len(out) - start
+        encoded = _entry(state)
+        size = len(encoded)
         if size > self.max_entry:
-            return
-        items[key] = bytes(out[start:])
-        self.size += size
-        while self.size > self.max_bytes:
+            return None
+        items[key] = encoded
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
             oldest = next(iter(items))
-            self.size -= len(items.pop(oldest))
+            self.nbytes -= len(items.pop(oldest))
+        return encoded
+
+
+def _entry(state: State) -> bytes:
+    out = bytearray()
+    start = open_message(out, _STATES_FIELD)
+    write_state(out, state)
+    close_message(out, start)
+    return bytes(out)
