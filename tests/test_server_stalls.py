@@ -115,9 +115,17 @@ HEAD = (
 )
 
 
-@pytest.mark.parametrize("path", [b"/flowstate.v1.Driver/Commit", b"/ui/api/end"])
-def test_a_stalled_body_is_answered_408_and_closed(path: bytes) -> None:
-    with served("--body-timeout", STALL) as (port, _), connect(port) as conn:
+@pytest.mark.parametrize(
+    ("path", "stack"),
+    [
+        (b"/flowstate.v1.Driver/Commit", "uvicorn"),
+        (b"/ui/api/end", "uvicorn"),
+        (b"/flowstate.v1.Driver/Commit", "hypercorn"),  # the comparison stack
+    ],
+)
+def test_a_stalled_body_is_answered_408_and_closed(path: bytes, stack: str) -> None:
+    stack_env = {"FLOWSTATE_SERVER_STACK": stack}
+    with served("--body-timeout", STALL, extra_env=stack_env) as (port, _), connect(port) as conn:
         conn.sendall(HEAD % path + b"0123456789")  # 10 of 100 bytes, then nothing
         answer = read_to_end(conn)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
