@@ -4,6 +4,7 @@ pages bounded in bytes and server memory bounded under concurrent readers (item 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -209,3 +210,37 @@ def test_each_5xx_cause_is_logged_once(caplog: pytest.LogCaptureFixture) -> None
     ]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert records[0].exc_info is not None  # the traceback, once
+
+
+async def test_large_answers_share_a_budget_of_bytes_in_flight() -> None:
+    from flowstate.server.app import _BytesInFlight
+
+    budget = _BytesInFlight(100)
+    entered: list[str] = []
+    gates = {"a": asyncio.Event(), "b": asyncio.Event(), "huge": asyncio.Event()}
+
+    async def reader(name: str, size: int) -> None:
+        async with budget.hold(size):
+            entered.append(name)
+            await gates[name].wait()
+
+    first = asyncio.create_task(reader("a", 80))
+    second = asyncio.create_task(reader("b", 80))
+    for _ in range(20):  # let both run as far as they can
+        await asyncio.sleep(0)
+    assert entered == ["a"] and budget.used == 80  # b waits: 160 bytes would not fit
+    gates["a"].set()
+    await first
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert entered == ["a", "b"] and budget.used == 80
+    gates["b"].set()
+    await second
+    assert budget.used == 0
+    huge = asyncio.create_task(reader("huge", 500))  # bigger than the budget: goes alone
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert entered[-1] == "huge" and budget.used == 500
+    gates["huge"].set()
+    await huge
+    assert budget.used == 0

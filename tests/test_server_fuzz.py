@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -249,3 +250,126 @@ def _strip_state_ctxs(body: bytes) -> bytes:
         if field != 1:
             out += body[start:pos]
     return bytes(out)
+
+
+# --- amplifying bodies against a real server process: bounded memory, a responsive loop ------
+#
+# Bodies made of one cheap item repeated (2 to 10 bytes each, up to the 16 MiB body limit of
+# `flowstate serve`), sent to a server of its own process while a prober asks /health: every
+# answer is 200 or a 4xx, every /health is answered while they are being processed (within
+# HEALTH_WAIT, where a blocked loop took a minute), and the server's peak RSS stays under
+# HOSTILE_RSS_MB (7.5 GB before the caps).
+
+SERVE_MAX_BODY = 16 * 2**20
+HEALTH_WAIT = 20.0
+HOSTILE_RSS_MB = 400
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _msg(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def _keys(n: int, tag: int) -> bytes:
+    """``n`` map entries with distinct keys under field ``tag`` (labels or annotations)."""
+    return b"".join(_msg(tag, _msg(0x0A, b"k%x" % i)) for i in range(n))
+
+
+def _get_states(payload: bytes) -> bytes:
+    """A Command whose get_states field (19: a two-byte tag) holds ``payload``."""
+    return b"\x9a\x01" + _varint(len(payload)) + payload
+
+
+#: shape -> (bytes per item, builder of a body of n items, the path it is posted to)
+_PROTO_SHAPES: dict[str, tuple[int, Callable[[int], bytes], str]] = {
+    "state_ctxs": (2, lambda n: b"\x0a\x00" * n + b"\x52\x00", "Commit"),
+    "commands": (4, lambda n: _msg(0x4A, b"\x0a\x02\x52\x00" * n), "Commit"),
+    "transitions": (2, lambda n: _msg(0x0A, b"\x1a\x00" * n) + b"\x52\x00", "Commit"),
+    "labels": (11, lambda n: _msg(0x0A, _msg(0x12, _keys(n, 0x22))) + b"\x52\x00", "Commit"),
+    "annotations": (11, lambda n: _msg(0x0A, _msg(0x12, _keys(n, 0x1A))) + b"\x52\x00", "Commit"),
+    "unknown": (3, lambda n: b"\xf8\x01\x00" * n + b"\x52\x00", "Commit"),
+    "label_sets": (2, lambda n: _get_states(b"\x1a\x00" * n), "GetStates"),
+    "result_states": (2, lambda n: _get_states(_msg(0x32, b"\x0a\x00" * n)), "GetStates"),
+}
+_JSON_SHAPES: dict[str, tuple[int, Callable[[int], bytes], str]] = {
+    "state_ctxs": (
+        3,
+        lambda n: b'{"stateCtxs":[' + b",".join([b"{}"] * n) + b'],"noop":{}}',
+        "Commit",
+    ),
+    "commands": (
+        12,
+        lambda n: b'{"commit":{"commands":[' + b",".join([b'{"noop":{}}'] * n) + b"]}}",
+        "Commit",
+    ),
+    "transitions": (
+        3,
+        lambda n: b'{"stateCtxs":[{"transitions":[' + b",".join([b"{}"] * n) + b']}],"noop":{}}',
+        "Commit",
+    ),
+    "annotations": (
+        13,
+        lambda n: (
+            b'{"stateCtxs":[{"current":{"annotations":{'
+            + b",".join(b'"k%x":""' % i for i in range(n))
+            + b'}}}],"noop":{}}'
+        ),
+        "Commit",
+    ),
+    "unknown": (3, lambda n: b'{"x":[' + b",".join([b"[]"] * n) + b'],"noop":{}}', "Commit"),
+}
+
+
+@dataclass
+class Process:
+    url: str
+    pid: int
+    http: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def process() -> Iterator[Process]:
+    from tests.test_server_caps import serve_process
+
+    with serve_process() as (url, pid), httpx.Client(base_url=url, timeout=120.0) as http:
+        yield Process(url, pid, http)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    shape=st.sampled_from(sorted(_PROTO_SHAPES))
+    | st.sampled_from(["json:" + k for k in sorted(_JSON_SHAPES)]),
+    fill=st.sampled_from([0.001, 0.05, 0.5, 1.0]),
+)
+def test_amplifying_bodies_keep_memory_bounded_and_health_answered(
+    process: Process, shape: str, fill: float
+) -> None:
+    as_json = shape.startswith("json:")
+    size, build, method = (_JSON_SHAPES if as_json else _PROTO_SHAPES)[shape.removeprefix("json:")]
+    body = build(max(1, int((SERVE_MAX_BODY - 64) // size * fill)))
+    assume(len(body) <= SERVE_MAX_BODY)
+    answer: list[httpx.Response] = []
+
+    def post() -> None:
+        headers = {"content-type": "application/json"} if as_json else {}
+        with httpx.Client(base_url=process.url, timeout=300.0) as http:
+            answer.append(http.post(DRIVER + method, content=body, headers=headers))
+
+    sender = threading.Thread(target=post)
+    sender.start()
+    # the loop answers /health while the body is read and decoded (a blocked loop took 65 s)
+    while sender.is_alive():
+        assert process.http.get("/health", timeout=HEALTH_WAIT).status_code == 200
+    sender.join()
+    assert answer and answer[0].status_code in (200, 400, 413), (shape, answer[0].content[:200])
+    from tests.test_server_caps import peak_rss_mb
+
+    assert peak_rss_mb(process.pid) < HOSTILE_RSS_MB, shape

@@ -765,22 +765,21 @@ def _reject_constant(name: str) -> Any:
 
 # Repeated fields -> (proto name, cap) for the structure scan, by normalised key. Arrays:
 _ARRAY_CAPS = {
-    "statectxs": ("state_ctxs", MAX_STATE_CTXS),
-    "commands": ("commands", MAX_COMMIT_COMMANDS),
-    "transitions": ("transitions", MAX_TRANSITIONS),
-    "labels": ("labels", MAX_QUERY_LABEL_SETS),
-    "states": ("states", MAX_PAGE_ITEMS),
-    "delayedstates": ("delayed_states", MAX_PAGE_ITEMS),
+    "statectxs": ("state_ctxs", MAX_STATE_CTXS, "state contexts"),
+    "commands": ("commands", MAX_COMMIT_COMMANDS, "commands"),
+    "transitions": ("transitions", MAX_TRANSITIONS, "transitions"),
+    "labels": ("labels", MAX_QUERY_LABEL_SETS, "label sets"),
+    "states": ("states", MAX_PAGE_ITEMS, "states"),
+    "delayedstates": ("delayed_states", MAX_PAGE_ITEMS, "delayed states"),
 }
 # … and maps (objects): labels of a state or a query (the larger cap), annotations, datas.
 _OBJECT_CAPS = {
-    "labels": ("labels", max(MAX_STATE_LABELS, MAX_QUERY_LABELS)),
-    "annotations": ("annotations", MAX_ANNOTATIONS),
-    "datas": ("datas", MAX_DATAS),
+    "labels": ("labels", max(MAX_STATE_LABELS, MAX_QUERY_LABELS), "labels"),
+    "annotations": ("annotations", MAX_ANNOTATIONS, "entries"),
+    "datas": ("datas", MAX_DATAS, "datas"),
 }
 _STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
 _TOKEN = re.compile(_STRING + rb"(\s*:)?|[\[\]{},]")
-_STRINGS = re.compile(_STRING)
 
 
 def _check_structure(raw: bytes, where: str) -> None:
@@ -789,17 +788,15 @@ def _check_structure(raw: bytes, where: str) -> None:
 
     A value is a container or follows a comma (or opens the body), so commas plus opening
     brackets bound the count: at C speed, and exact enough for any body with few punctuation
-    marks inside its strings. Past the bound, a scan over the structure (strings skipped)
-    finds the first repeated field over its cap, and names it.
+    marks inside its strings. Past the bound, a scan over the structure (strings skipped, one
+    token at a time: nothing is built) counts exactly and names the first repeated field over
+    its cap.
     """
     bound = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
     if bound < MAX_JSON_VALUES:
         return
-    stripped = _STRINGS.sub(b'""', raw)
-    if stripped.count(b",") + stripped.count(b"[") + stripped.count(b"{") < MAX_JSON_VALUES:
-        return
-    # (path, cap, items so far) of each open container
-    stack: list[tuple[str, int, int]] = []
+    # (path, cap, what it holds, items so far) of each open container
+    stack: list[tuple[str, int, str, int]] = []
     key = ""
     values = 1
     for match in _TOKEN.finditer(raw):
@@ -814,41 +811,44 @@ def _check_structure(raw: bytes, where: str) -> None:
             key = ""
             values += 1
             if stack:
-                path, cap, count = stack[-1]
-                stack[-1] = (path, cap, count + 1)
+                path, cap, what, count = stack[-1]
+                stack[-1] = (path, cap, what, count + 1)
                 if count + 2 > cap:
-                    raise too_many(path, cap)
+                    raise too_many(path, cap, what)
             if values > MAX_JSON_VALUES:
                 break
         elif first in (0x5B, 0x7B):  # [ {
             values += 1
             parent = stack[-1][0] if stack else ""
             if stack and key == "":
-                path = f"{parent}[{stack[-1][2]}]"
-                name, cap = "", MAX_JSON_VALUES
+                path = f"{parent}[{stack[-1][3]}]"
+                cap, what = MAX_JSON_VALUES, "items"
             else:
                 norm = key.strip('"').lower().replace("_", "")
                 caps = _ARRAY_CAPS if first == 0x5B else _OBJECT_CAPS
-                name, cap = caps.get(norm, (key.strip('"'), MAX_JSON_VALUES))
+                name, cap, what = caps.get(norm, (key.strip('"'), MAX_JSON_VALUES, "items"))
                 path = f"{parent}.{name}" if parent else name
-            stack.append((path, cap, 0))
+            stack.append((path, cap, what, 0))
             key = ""
         else:  # ] }
             if stack:
                 stack.pop()
             key = ""
-    raise WireError(where, f"more than {MAX_JSON_VALUES:,} JSON values; that many are not allowed")
+    if values > MAX_JSON_VALUES:
+        raise WireError(
+            where, f"more than {MAX_JSON_VALUES:,} JSON values; that many are not allowed"
+        )
 
 
 def _loads(body: bytes | bytearray | memoryview | str, where: str) -> Any:
     try:
         raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+        _check_structure(raw, where)
         text = body if isinstance(body, str) else raw.decode()
     except UnicodeDecodeError as exc:
         raise WireError(
             where, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}"
         ) from None
-    _check_structure(raw, where)
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
