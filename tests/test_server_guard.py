@@ -315,3 +315,26 @@ def test_codec_error_names_the_label() -> None:
     with pytest.raises(fs.ValidationError) as err:
         codec.decode_command(raw, json=True)
     assert "labels['k']" in str(err.value) and "null" in str(err.value)
+
+
+def test_serve_takes_allowed_hosts_from_its_flag_and_the_environment() -> None:
+    from tests.test_server_stalls import served
+
+    with (
+        served("--allowed-host", "flow.test", extra_env={"FLOWSTATE_ALLOWED_HOSTS": "x.test"}) as (
+            port,
+            _,
+        ),
+        httpx.Client(timeout=30.0) as http,
+    ):
+        url = f"http://127.0.0.1:{port}/health"
+        for host, status in [
+            ("flow.test", 200),  # the flag (it wins over the variable)
+            ("x.test", 421),
+            ("localhost", 200),
+            ("evil.test", 421),
+        ]:
+            assert http.get(url, headers={"host": host}).status_code == status, host
+    with served(extra_env={"FLOWSTATE_ALLOWED_HOSTS": "x.test, y.test"}) as (port, _):
+        url = f"http://127.0.0.1:{port}/health"
+        assert httpx.get(url, headers={"host": "y.test"}, timeout=30.0).status_code == 200

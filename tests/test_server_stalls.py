@@ -25,6 +25,13 @@ import h2.events
 import httpx
 import pytest
 
+from flowstate.errors import ValidationError
+from flowstate.server.run import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    default_max_connections,
+    settings,
+)
 from tests.test_cli import COMMAND, TIMEOUT, Lines, env
 
 STALL = "0.5"  # seconds: --body-timeout of these servers
@@ -247,3 +254,22 @@ def test_running_out_of_file_descriptors_is_logged_a_bounded_number_of_times() -
             for conn in conns:
                 conn.close()
         serves_again(port)  # once descriptors are free
+
+
+def test_the_timeout_and_the_cap_come_from_options_or_the_environment() -> None:
+    assert settings().body_timeout == DEFAULT_BODY_TIMEOUT == 30.0
+    assert settings().max_connections is None  # default_max_connections() at run time
+    assert 1 <= default_max_connections() <= DEFAULT_MAX_CONNECTIONS == 1000
+    from_env = settings(env={"FLOWSTATE_BODY_TIMEOUT": "2.5", "FLOWSTATE_MAX_CONNECTIONS": "7"})
+    assert (from_env.body_timeout, from_env.max_connections) == (2.5, 7)
+    given = settings(body_timeout=1, max_connections=3, env={"FLOWSTATE_BODY_TIMEOUT": "9"})
+    assert (given.body_timeout, given.max_connections) == (1, 3)
+    for bad in (
+        {"FLOWSTATE_BODY_TIMEOUT": "0"},
+        {"FLOWSTATE_BODY_TIMEOUT": "nan"},
+        {"FLOWSTATE_MAX_CONNECTIONS": "-1"},
+    ):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            settings(env=bad)
+    with pytest.raises(ValidationError, match="max_connections"):
+        settings(max_connections=0)
