@@ -338,3 +338,15 @@ def test_serve_takes_allowed_hosts_from_its_flag_and_the_environment() -> None:
     with served(extra_env={"FLOWSTATE_ALLOWED_HOSTS": "x.test, y.test"}) as (port, _):
         url = f"http://127.0.0.1:{port}/health"
         assert httpx.get(url, headers={"host": "y.test"}, timeout=30.0).status_code == 200
+
+
+def test_a_server_answers_to_its_listen_and_advertised_names() -> None:
+    import socket
+
+    from flowstate.server.run import server_names
+
+    assert server_names("127.0.0.1", "http://billing.internal:8081", ["x"]) == [
+        "x",
+        "billing.internal",
+    ]
+    assert socket.gethostname() in server_names("0.0.0.0", "http://localhost:8080")
