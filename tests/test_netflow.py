@@ -69,7 +69,7 @@ async def test_set_flow_advertises_in_the_store() -> None:
 async def test_other_registries_follow_advertisements_and_withdrawals() -> None:
     driver = fs.MemoryDriver()
     a = NetFlowRegistry("http://a:1", driver)
-    b = NetFlowRegistry("http://b:2", driver)
+    b = NetFlowRegistry("http://b:2", driver, remote_hosts=["a"])  # a is not loopback
     async with a, b:
         a.set_flow("f", noop_flow)
         await wait_for(lambda: b.remote_hosts() == {"f": "http://a:1"})
@@ -96,7 +96,7 @@ async def test_lookup_reads_an_advertisement_not_followed_yet() -> None:
     ctx = fs.StateCtx(current=fs.State(flow_state_id("g"), labels={TYPE_LABEL: REMOTE}))
     ctx.current.annotations.update({TRANSITION_ID: "g", HTTP_HOST: "http://c:3", ACTION: "set"})
     await driver.commit(fs.commit(fs.park(ctx)))
-    registry = NetFlowRegistry("http://b:2", driver)
+    registry = NetFlowRegistry("http://b:2", driver, remote_hosts=["c:3"])
     registry._started = True  # looked up without the follower running
     flow = await registry.lookup("g")
     assert isinstance(flow.__self__, RemoteFlow)  # type: ignore[attr-defined]
@@ -108,7 +108,7 @@ async def test_lookup_reads_an_advertisement_not_followed_yet() -> None:
 async def test_a_local_flow_wins_over_a_remote_advertisement() -> None:
     driver = fs.MemoryDriver()
     a = NetFlowRegistry("http://a:1", driver)
-    b = NetFlowRegistry("http://b:2", driver)
+    b = NetFlowRegistry("http://b:2", driver, remote_hosts=["a"])
     b.set_flow("f", noop_flow)
     async with b, a:
         a.set_flow("f", noop_flow)  # a advertises last: the store names a

@@ -216,6 +216,15 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body, bytes.")] = (
         16 * 2**20
     ),
+    remote_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remote-host",
+            help="Call remote flows (and send the token) only on this HOST[:PORT]; repeatable "
+            "(or FLOWSTATE_REMOTE_HOSTS; default: loopback hosts only).",
+            show_default=False,
+        ),
+    ] = None,
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -279,6 +288,7 @@ def serve(
             token=token,
             cors_origins=cors_origin or (),
             max_body=max_body,
+            remote_hosts=remote_host or (),
             demo=demo,
             recoverer=recoverer,
             delayer=delayer,

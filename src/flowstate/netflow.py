@@ -5,22 +5,34 @@ names its address; every :class:`NetFlowRegistry` on the same store follows thos
 registers, for a flow hosted elsewhere, a :class:`RemoteFlow` that hands the state to the
 hosting process's Flow service. The local execution then ends (the remote flow returns noop to
 it) and the hosting process carries on; all state changes go through the shared store.
+
+Anyone who can write to the store can write an advertisement, so a registry calls only the
+hosts its operator allowed (``remote_hosts``; by default loopback addresses only): the bearer
+token is never sent elsewhere, and an advertisement cannot make this process post anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from flowstate.commands import Command, NoopCmd, commit, get_states, park
 from flowstate.drivers.base import Driver
-from flowstate.errors import FlowNotFoundError, FlowstateError, NotFoundError, RevMismatchError
+from flowstate.errors import (
+    FlowNotFoundError,
+    FlowstateError,
+    NotFoundError,
+    RevMismatchError,
+    ValidationError,
+)
 from flowstate.flow import AsyncFlow, Flow, FlowFunc, FlowRegistry
 from flowstate.iterator import Watcher
 from flowstate.server.connect import FLOW_EXECUTE, JSON, PROTO, decode_error, exception_of
@@ -40,6 +52,62 @@ HTTP_HOST = "flowstate.flow.http_host"
 ACTION = "flowstate.flow.action"
 SET = "set"
 UNSET = "unset"
+#: Environment variable listing the allowed remote hosts (comma-separated ``HOST[:PORT]``).
+REMOTE_HOSTS_ENV = "FLOWSTATE_REMOTE_HOSTS"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+#: An allowed endpoint: (lower-case host, port); port None allows every port of the host.
+Endpoint = tuple[str, int | None]
+
+
+def parse_remote_hosts(entries: Iterable[str], field: str = "remote_hosts") -> frozenset[Endpoint]:
+    """``HOST``, ``HOST:PORT``, ``[IPV6]:PORT`` (or a base URL ``http://HOST:PORT``) entries as
+    endpoints; a malformed entry is a :class:`ValidationError` naming ``field``."""
+    out: set[Endpoint] = set()
+    for raw in entries:
+        entry = raw.strip().rstrip("/")
+        if not entry:
+            continue
+        url = entry if "://" in entry else "http://" + entry
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValidationError(field, f"{raw!r}: {exc}") from None
+        host = parts.hostname
+        if (
+            not host
+            or parts.scheme not in _DEFAULT_PORTS
+            or parts.username is not None
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValidationError(field, f"{raw!r}: expected HOST or HOST:PORT")
+        out.add((host.lower(), port))
+    return frozenset(out)
+
+
+def _endpoint(url: str) -> tuple[str, int] | None:
+    """(host, port) of an advertised base URL; None when it is not a plain http(s) URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    default = _DEFAULT_PORTS.get(parts.scheme)
+    if default is None or not parts.hostname or parts.username is not None or parts.password:
+        return None
+    return parts.hostname.lower(), port if port is not None else default
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def flow_state_id(flow_id: str) -> str:
@@ -83,13 +151,32 @@ class NetFlowRegistry(FlowRegistry):
     :class:`RemoteFlow` proxies, learnt by following the advertisement states and, for a flow
     not seen yet, by reading its state on lookup. ``token`` (default ``FLOWSTATE_TOKEN``) is
     sent to the other processes' Flow services.
+
+    ``remote_hosts`` lists the hosts this registry may call (``HOST`` or ``HOST:PORT``; default
+    ``FLOWSTATE_REMOTE_HOSTS``, comma-separated). With none, only loopback hosts
+    (``localhost``, ``127.0.0.0/8``, ``::1``) are called. An advertisement naming another host
+    is ignored, with one warning per host.
     """
 
-    def __init__(self, http_host: str, driver: Driver, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        http_host: str,
+        driver: Driver,
+        *,
+        token: str | None = None,
+        remote_hosts: Iterable[str] | None = None,
+    ) -> None:
         super().__init__()
         self.http_host = http_host.rstrip("/")
         self.driver = driver
         self.token = token if token is not None else os.environ.get("FLOWSTATE_TOKEN") or None
+        if remote_hosts is None:
+            field = REMOTE_HOSTS_ENV
+            remote_hosts = os.environ.get(REMOTE_HOSTS_ENV, "").split(",")
+        else:
+            field = "remote_hosts"
+        self.allowed: frozenset[Endpoint] = parse_remote_hosts(remote_hosts, field)
+        self._refused: set[str] = set()  # hosts already warned about
         self._local: set[str] = set()
         self._remote: dict[str, str] = {}  # flow id -> host of the proxy registered for it
         self._proxies: dict[str, RemoteFlow] = {}
@@ -232,13 +319,36 @@ class NetFlowRegistry(FlowRegistry):
         ctx.current.annotations[ACTION] = UNSET
         await self._park(ctx)
 
+    def allows(self, url: str) -> bool:
+        """Whether this registry may call (and send its token to) the host at base ``url``."""
+        endpoint = _endpoint(url)
+        if endpoint is None:
+            return False
+        host, port = endpoint
+        if not self.allowed:
+            return _is_loopback(host)
+        return (host, None) in self.allowed or (host, port) in self.allowed
+
     def apply(self, state: State) -> None:
-        """Register (or drop) the proxy an advertisement state describes."""
+        """Register (or drop) the proxy an advertisement state describes; one naming a host
+        that is not allowed changes nothing."""
         host = state.annotations.get(HTTP_HOST, "").rstrip("/")
         flow_id = state.annotations.get(TRANSITION_ID, "")
         if not host:
             log.warning("flow state %r names no http host", state.id)
+            return
         if host == self.http_host:
+            return
+        if not self.allows(host):
+            if host not in self._refused:  # once per host: the store may repeat it forever
+                self._refused.add(host)
+                log.warning(
+                    "ignoring remote flow %r advertised at %r: host not allowed "
+                    "(allow it with --remote-host or %s)",
+                    flow_id,
+                    host,
+                    REMOTE_HOSTS_ENV,
+                )
             return
         if not flow_id:
             log.warning("flow state %r names no flow id", state.id)
@@ -278,6 +388,8 @@ class NetFlowRegistry(FlowRegistry):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
 
     def _proxy(self, host: str) -> RemoteFlow:
+        if not self.allows(host):  # apply() checks first; this guards every other path
+            raise FlowstateError(f"remote host {host!r} is not allowed")
         proxy = self._proxies.get(host)
         if proxy is None:
             if self._client is None:

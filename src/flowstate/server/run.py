@@ -67,6 +67,8 @@ class Settings:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     #: None: :func:`default_max_connections`.
     max_connections: int | None = None
+    #: Hosts remote flows may be called on (none: FLOWSTATE_REMOTE_HOSTS, else loopback only).
+    remote_hosts: tuple[str, ...] = ()
 
 
 def settings(
@@ -846,6 +848,7 @@ def serve(
     demo: bool = False,
     recoverer: bool | None = None,
     delayer: bool | None = None,
+    remote_hosts: Sequence[str] = (),
     allowed_hosts: Sequence[str] = (),
     body_timeout: float | None = None,
     max_connections: int | None = None,
@@ -871,6 +874,7 @@ def serve(
         body_timeout=body_timeout,
         max_connections=max_connections,
     )
+    s.remote_hosts = tuple(remote_hosts)
     _json_logging()
     if (os.environ.get("FLOWSTATE_SERVER_LOOP") or DEFAULT_LOOP) == "uvloop":
         try:
@@ -901,6 +905,7 @@ async def _serve(s: Settings) -> None:
             delayer=s.delayer,
             stop=stop,
             store_name=_redact(s.store),
+            remote_hosts=s.remote_hosts or None,
             allowed_hosts=(*s.allowed_hosts, host),
             body_timeout=s.body_timeout,
             max_connections=s.max_connections,
@@ -923,6 +928,7 @@ async def run_server(
     delayer: bool = True,
     stop: asyncio.Event | None = None,
     store_name: str = "",
+    remote_hosts: Sequence[str] | None = None,
     allowed_hosts: Sequence[str] = (),
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_connections: int | None = None,
@@ -930,7 +936,8 @@ async def run_server(
     """Serve ``driver`` on the listening ``sock`` until ``stop`` is set, as the Go app does:
     store, then a flow registry shared through the store (``http_host`` is this server's
     advertised address; ``flows`` registers the flows hosted here), then an engine with its
-    recoverer and delayer (each unless turned off), then HTTP.
+    recoverer and delayer (each unless turned off), then HTTP. ``remote_hosts``: the hosts the
+    registry may call remote flows on (see :class:`~flowstate.netflow.NetFlowRegistry`).
 
     Requests must name this server in ``Host``: a loopback name, an IP address, the host of
     ``http_host``, this machine's host name when ``sock`` listens on every interface, or one of
@@ -940,7 +947,7 @@ async def run_server(
     from flowstate.server import demo as demo_flows
 
     stop = stop or asyncio.Event()
-    registry = NetFlowRegistry(http_host, driver, token=token)
+    registry = NetFlowRegistry(http_host, driver, token=token, remote_hosts=remote_hosts)
     if flows is not None:
         flows(registry)
     if demo:

@@ -1,0 +1,5 @@
+"""``python -m flowstate``: the ``flowstate`` command."""
+
+from flowstate.cli import main
+
+main()
