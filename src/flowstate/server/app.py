@@ -434,9 +434,14 @@ class LeanRoutes:
 _MEDIA = {"json": JSON.encode(), "proto": PROTO.encode()}
 
 
-#: Bodies (and answers) above this many bytes are decoded (encoded) in a worker thread, so
-#: that the event loop keeps serving meanwhile; smaller ones, the common case, stay inline.
-OFFLOAD_BYTES = 64 * 1024
+#: Request bodies above this many bytes are decoded in a worker thread, so that the event loop
+#: keeps serving meanwhile; smaller ones, the common case, stay inline. Low because decoding
+#: can cost far more than the bytes suggest: 8 KiB of empty state contexts is 4,096 of them,
+#: about 20 ms of decoding.
+OFFLOAD_BODY_BYTES = 8 * 1024
+#: Answers estimated above this many bytes are encoded in a worker thread (encoding costs
+#: about what the bytes suggest: a few ms at this size).
+OFFLOAD_ANSWER_BYTES = 64 * 1024
 #: The most bytes of large answers (as estimated before encoding) being encoded at once,
 #: server-wide; one answer larger than this still goes, alone.
 MAX_ANSWER_BYTES_IN_FLIGHT = 64 * 2**20
@@ -474,8 +479,18 @@ class _Rpc:
         self.runtime = runtime
         self.max_body = max_body
         self.in_flight = _BytesInFlight(MAX_ANSWER_BYTES_IN_FLIGHT)
+        self._worker: asyncio.Semaphore | None = None
         # this server's store only: encodings of the versions its answers carried
         self.encoded = EncodedStates()
+
+    async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
+        """``work(*args)`` in a worker thread, one at a time: Python code cannot run in two
+        threads at once anyway (the GIL), and each more thread competing for it delays the
+        event loop further."""
+        if self._worker is None:
+            self._worker = asyncio.Semaphore(1)
+        async with self._worker:
+            return await asyncio.to_thread(work, *args)
 
     async def call(
         self,
@@ -499,8 +514,8 @@ class _Rpc:
             if method is None:
                 raise RequestError(404, "unimplemented", f"no method {name!r} in Driver")
             if method:
-                if len(body) > OFFLOAD_BYTES:
-                    cmd = await asyncio.to_thread(_decode, codec.decode_command, body, as_json)
+                if len(body) > OFFLOAD_BODY_BYTES:
+                    cmd = await self._off_loop(_decode, codec.decode_command, body, as_json)
                 else:
                     cmd = _decode(codec.decode_command, body, as_json)
                 # protobuf answers measure their states by encoding them into the cache, so
@@ -509,14 +524,14 @@ class _Rpc:
                 store = await self.runtime.store()
                 size = max(len(body), await perform_method(store, method, cmd, size_of))
                 del body  # an answer may be large too: do not hold both
-                if size > OFFLOAD_BYTES:
+                if size > OFFLOAD_ANSWER_BYTES:
                     async with self.in_flight.hold(size):
-                        payload = await asyncio.to_thread(_encode, cmd, as_json)
+                        payload = await self._off_loop(_encode, cmd, as_json)
                 else:
                     payload = codec.encode_command(cmd, json=as_json, states=self.encoded)
             else:
-                if len(body) > OFFLOAD_BYTES:
-                    ctx = await asyncio.to_thread(_decode, codec.decode_state_ctx, body, as_json)
+                if len(body) > OFFLOAD_BODY_BYTES:
+                    ctx = await self._off_loop(_decode, codec.decode_state_ctx, body, as_json)
                 else:
                     ctx = _decode(codec.decode_state_ctx, body, as_json)
                 await self._execute(ctx)
