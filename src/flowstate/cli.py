@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -39,8 +42,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+class _Out(Console):
+    """stdout: a reader that goes away (``| head``) ends the command quietly (see
+    :func:`broken_pipe`) instead of rich's exit status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        broken_pipe()
+
+
 # Off a terminal (a pipe, a file) rich would wrap tables at 80 columns: give them room.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 250)
+out = _Out(highlight=False, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, highlight=False)
 
 T = TypeVar("T")
@@ -74,9 +87,103 @@ Labels = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts.")]
 
 
+#: Exit status after a broken pipe (the reader went away, as with ``| head``): what a shell
+#: reports for a program killed by SIGPIPE (128 + 13), without the signal's side effects.
+BROKEN_PIPE = 141
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}")
+    # soft_wrap: one line however long (rich would fold it at the terminal's width)
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def broken_pipe() -> NoReturn:
+    """End quietly once stdout's reader has gone: later writes (and the flush at exit) go to
+    /dev/null instead of raising again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(BROKEN_PIPE)
+
+
+def show(*renderables: Any) -> None:
+    """Print to stdout through rich, ending quietly on a broken pipe."""
+    try:
+        out.print(*renderables)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        broken_pipe()
+
+
+def redact(url: str) -> str:
+    """A store URL without its password."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return url
+
+
+def check_store_url(url: str) -> None:
+    """Refuse (status 2) a database or server URL whose port is not a port."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("postgres", "postgresql", "http", "https"):
+        return
+    parts = urlsplit(url)
+    if "," in parts.netloc:  # several PostgreSQL hosts: the driver reads them
+        return
+    try:
+        parts.port  # noqa: B018 (parsing is the check)
+    except ValueError as exc:
+        fail(f"--store {redact(url)}: bad port ({exc})", 2)
+
+
+def check_sqlite_path(url: str, path: str | None, *, must_exist: bool) -> None:
+    """Refuse a SQLite URL naming a directory, or a missing file when it must exist."""
+    if not url.startswith("sqlite:") or not path:
+        return
+    if Path(path).is_dir():
+        fail(f"--store {url}: {path} is a directory, not a SQLite file")
+    if must_exist and not Path(path).exists():
+        fail(f"no SQLite store at {path} (check --store)")
+
+
+def store_problem(url: str, exc: BaseException) -> str | None:
+    """One line saying what is wrong with the store at ``url``; None: ``exc`` is not about the
+    store."""
+    where = f"store {redact(url)}"
+    if isinstance(exc, FlowstateError):
+        return f"{where}: {exc}"
+    if isinstance(exc, sqlite3.Error):
+        return f"{where}: SQLite: {exc}"
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return f"{where}: PostgreSQL: {exc}"
+    if isinstance(exc, socket.gaierror):
+        host = urlsplit(url).hostname or url
+        return f"{where}: cannot resolve host {host!r}: {exc.strerror or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where}: connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"{where}: timed out"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return None
+
+
+def raised_in(exc: BaseException, func: Callable[..., Any]) -> bool:
+    """Whether ``exc`` was raised from inside the Python function ``func``."""
+    code = getattr(func, "__code__", None)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def parse_labels(values: list[str] | None) -> dict[str, str]:
@@ -92,39 +199,41 @@ def parse_labels(values: list[str] | None) -> dict[str, str]:
 def open_store(url: str, token: str | None, *, must_exist: bool = True) -> Driver:
     """The driver for ``url``; a SQLite file must already exist unless told otherwise (so that a
     mistyped path is an error rather than a new, empty store)."""
+    check_store_url(url)
     try:
         driver = open_driver(url)
     except ValidationError as exc:
         fail(str(exc), 2)
-    path = getattr(driver, "path", None)
-    if must_exist and url.startswith("sqlite:") and path and not Path(path).exists():
-        fail(f"no SQLite store at {path} (check --store)")
+    check_sqlite_path(url, getattr(driver, "path", None), must_exist=must_exist)
     if token and hasattr(driver, "token"):
         driver.token = token  # a server URL: NetDriver
     return driver
 
 
-def run(driver: Driver, work: Callable[[Engine], Awaitable[T]]) -> T:
+def run(driver: Driver, work: Callable[[Engine], Awaitable[T]], store: str = "") -> T:
     """Run ``work`` with a read-only engine (no recoverer, no delayer) over ``driver``."""
 
     async def main() -> T:
         async with Engine(driver, recovery=False, delayer=False) as engine:
             return await work(engine)
 
-    return _run(main())
+    return _run(main(), store)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _run(coro: Coroutine[Any, Any, T], store: str = "") -> T:
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        broken_pipe()
     except NotFoundError as exc:
         fail(str(exc))
-    except FlowstateError as exc:
-        fail(f"{exc} ({type(exc).__name__})")
-    except OSError as exc:
-        fail(f"{exc.strerror or exc}")
-    except sqlite3.Error as exc:
-        fail(f"SQLite: {exc}")
+    except Exception as exc:
+        problem = store_problem(store, exc) if store else None
+        if problem is None and isinstance(exc, FlowstateError | OSError | sqlite3.Error):
+            problem = f"{exc}"
+        if problem is None:
+            raise
+        fail(problem)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -149,8 +258,11 @@ def state_dict(state: State) -> dict[str, Any]:
 
 
 def print_json(state: State) -> None:
-    sys.stdout.write(json.dumps(state_dict(state), ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(state_dict(state), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        broken_pipe()
 
 
 def where(state: State) -> str:
@@ -192,6 +304,33 @@ def query(labels: list[str] | None, since_rev: int, latest_only: bool, page: int
 
 
 # --- commands -------------------------------------------------------------------------------
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowstate-engine")
+    except PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        show(f"flowstate {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version, exit."
+        ),
+    ] = False,
+) -> None:
+    """flowstate: a durable state and workflow engine."""
 
 
 @app.command()
@@ -280,7 +419,15 @@ def serve(
     for clients that run their own recoverer and delayer (docs/serving.md).
     """
     from flowstate.server import serve as serve_forever
+    from flowstate.server.run import listen, settings
 
+    try:
+        url = settings(store, addr).store  # as the server will read it (environment included)
+    except ValidationError as exc:
+        fail(str(exc), 2)
+    check_store_url(url)
+    if url.startswith("sqlite:///"):
+        check_sqlite_path(url, url.removeprefix("sqlite:///"), must_exist=False)
     try:
         serve_forever(
             store,
@@ -298,8 +445,13 @@ def serve(
         )
     except ValidationError as exc:
         fail(str(exc), 2)
-    except OSError as exc:
-        fail(f"cannot serve on {addr}: {exc.strerror or exc}")
+    except Exception as exc:
+        if isinstance(exc, OSError) and raised_in(exc, listen):
+            fail(f"cannot serve on {addr}: {exc.strerror or exc}")
+        problem = store_problem(url, exc)
+        if problem is None:
+            raise
+        fail(problem)
 
 
 @app.command()
@@ -344,10 +496,10 @@ def states(
                     break
         return found
 
-    found = run(driver, work)
+    found = run(driver, work, store)
     if not as_json:
         if found:
-            out.print(states_table(found))
+            show(states_table(found))
         else:
             err.print("[dim]no states[/dim]")
 
@@ -370,7 +522,7 @@ def state(
         await engine.do(get_state_by_id(ctx, id, rev))
         return ctx.current
 
-    found = run(driver, work)
+    found = run(driver, work, store)
     if as_json:
         print_json(found)
         return
@@ -388,7 +540,7 @@ def state(
     ):
         for i, (key, value) in enumerate(sorted(values.items())):
             table.add_row(name if i == 0 else "", f"{escape(key)} = {escape(value)}")
-    out.print(table)
+    show(table)
 
 
 @app.command()
@@ -422,11 +574,11 @@ def watch(
                 if as_json:
                     print_json(found)
                 else:
-                    out.print(state_line(found))
+                    show(state_line(found))
                     sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
-        run(driver, work)
+        run(driver, work, store)
 
 
 @app.command()
@@ -446,7 +598,7 @@ def migrate(
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         _run(_open_close(driver))
-        out.print(f"SQLite store ready: {escape(str(getattr(driver, 'path', store)))}")
+        show(f"SQLite store ready: {escape(str(getattr(driver, 'path', store)))}")
         return
     if scheme not in ("postgres", "postgresql"):
         fail(f"{store!r}: migrate applies to postgresql:// stores", 2)
@@ -483,12 +635,12 @@ async def _migrate_postgres(url: str, dry_run: bool) -> None:
         await conn.close()
     pending = [(version, name) for version, name, _ in migrations() if version not in applied]
     if not pending:
-        out.print(f"schema {escape(driver.schema)} is up to date (version {max(applied)})")
+        show(f"schema {escape(driver.schema)} is up to date (version {max(applied)})")
         return
     if dry_run:
-        out.print(f"pending in schema {escape(driver.schema)}:")
+        show(f"pending in schema {escape(driver.schema)}:")
         for version, name in pending:
-            out.print(f"  {version}  {escape(name)}")
+            show(f"  {version}  {escape(name)}")
         return
     with err.status(f"applying {len(pending)} migration(s) to schema {driver.schema}…"):
         try:
@@ -497,12 +649,20 @@ async def _migrate_postgres(url: str, dry_run: bool) -> None:
             fail(f"migration failed: {exc}")
         await driver.close()
     for version, name in pending:
-        out.print(f"applied {version}  {escape(name)}")
+        show(f"applied {version}  {escape(name)}")
 
 
 def main() -> None:
-    """Entry point of the ``flowstate`` console script."""
-    app()
+    """Entry point of the ``flowstate`` console script: whatever goes wrong ends in one
+    ``error:`` line, never a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a failure no command anticipated: still one line
+        with contextlib.suppress(Exception):
+            err.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}", soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
