@@ -19,6 +19,13 @@ from flowstate.delayer import FIRED, OFFSET
 from flowstate.delayer import META_ID as DELAYER_META
 from flowstate.engine import Engine
 from flowstate.errors import NotFoundError, ValidationError
+from flowstate.perform import (
+    MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES,
+    MAX_QUERY_LABEL_SETS,
+    MAX_QUERY_LABELS,
+    check_text,
+)
 from flowstate.state import State, StateCtx, ended, is_system, parked
 
 #: Every status the view filters by. ``forced``: ended by recovery after its max attempts.
@@ -48,7 +55,11 @@ def parse_label_set(raw: str, field_name: str = "labels") -> dict[str, str]:
             raise ValidationError(field_name, f"{pair!r} is not key=value")
         if key in labels and labels[key] != value:
             raise ValidationError(field_name, f"label {key!r} given twice with different values")
+        check_text(key, f"{field_name} key", MAX_LABEL_KEY_BYTES)
+        check_text(value, f"{field_name} value", MAX_LABEL_VALUE_BYTES)
         labels[key] = value
+        if len(labels) > MAX_QUERY_LABELS:
+            raise ValidationError(field_name, f"more than {MAX_QUERY_LABELS} labels")
     return labels
 
 
@@ -84,10 +95,16 @@ def parse_filter(params: Mapping[str, list[str]]) -> Filter:
     if view not in ("latest", "all"):
         raise ValidationError("view", f"{view!r}: expected latest or all")
     sets = []
-    for i, raw in enumerate(params.get("labels", [])):
+    raws = params.get("labels", [])
+    if len(raws) > MAX_QUERY_LABEL_SETS:
+        raise ValidationError("labels", f"{len(raws)} label sets; at most {MAX_QUERY_LABEL_SETS}")
+    for i, raw in enumerate(raws):
         labels = parse_label_set(raw, f"labels[{i}]")
         if labels:
             sets.append(labels)
+    total = sum(len(labels) for labels in sets)
+    if total > MAX_QUERY_LABELS:
+        raise ValidationError("labels", f"{total} labels in all sets; at most {MAX_QUERY_LABELS}")
     flows = frozenset(f for f in params.get("flow", []) if f)
     wanted = frozenset(s for s in params.get("status", []) if s)
     unknown = sorted(wanted.difference(STATUSES))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from flowstate.errors import (
     StoreUnavailableError,
     ValidationError,
 )
+from flowstate.perform import MAX_ANNOTATION_KEY_BYTES, MAX_ID_BYTES, check_text
 from flowstate.server.ui import detail, graph, query, stream
 from flowstate.state import ENDED, STATE_ANNOTATION, StateCtx, ended, parked
 
@@ -41,7 +42,11 @@ STATIC_PATH = "/ui/static"
 API = "/ui/api"
 #: Transition annotation naming the UI action that made a version.
 ACTION = "flowstate.ui.action"
+#: The largest action body; actions are ``{"id": ..., "rev": ...}``, far smaller.
 MAX_ACTION_BODY = 64 * 1024
+#: The deepest nesting of arrays and objects an action body may have (checked before parsing,
+#: so that a body of 60,000 ``[`` costs a scan, not a parser's recursion).
+MAX_ACTION_DEPTH = 16
 _MAX_REV = 2**63 - 1
 
 
@@ -76,6 +81,12 @@ class UI:
     def __init__(self, engine: Callable[[], Awaitable[Engine]]) -> None:
         self._engine = engine
         self.closing = asyncio.Event()
+        self.max_streams = stream.max_streams()
+        self.streams = 0  # live streams now
+        self._reads: asyncio.Semaphore | None = None  # made on the serving loop
+        # pending delays shared by every stream: (read at, ids), refreshed every PENDING_FOR
+        self._pending: tuple[float, set[str]] | None = None
+        self._pending_lock: asyncio.Lock | None = None
 
     def close(self) -> None:
         self.closing.set()
@@ -224,12 +235,37 @@ class UI:
         except Exception as exc:
             return _error(exc)
 
-        async def pending() -> Collection[str]:
-            return await _pending_ids(engine)
+        if self.streams >= self.max_streams:
+            return JSONResponse(
+                {"error": f"{self.streams} live streams already (at most {self.max_streams})"},
+                503,
+                headers={"Retry-After": str(stream.RETRY_AFTER)},
+            )
+        if self._reads is None:
+            self._reads = asyncio.Semaphore(stream.STREAM_READS)
 
-        events = stream.commits(engine, flt, since, pending, self.closing)
+        async def pending() -> Collection[str]:
+            return await self._shared_pending(engine)
+
+        events = stream.commits(engine, flt, since, pending, self.closing, self._reads)
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        self.streams += 1
+        return _CountedStream(
+            events, self._stream_ended, media_type="text/event-stream", headers=headers
+        )
+
+    def _stream_ended(self) -> None:
+        self.streams -= 1
+
+    async def _shared_pending(self, engine: Engine) -> set[str]:
+        """The ids with a pending delay, read at most once per PENDING_FOR for all streams."""
+        if self._pending_lock is None:
+            self._pending_lock = asyncio.Lock()
+        async with self._pending_lock:
+            now = asyncio.get_running_loop().time()
+            if self._pending is None or now - self._pending[0] > stream.PENDING_FOR:
+                self._pending = (now, await _pending_ids(engine))
+            return self._pending[1]
 
     # actions
 
@@ -269,6 +305,23 @@ class UI:
             return _error(exc)
 
 
+class _CountedStream(StreamingResponse):
+    """A streaming response that calls ``ended`` once it is over, however it ends (even if
+    the client left before the body started)."""
+
+    def __init__(self, content: AsyncIterator[str], ended: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._ended: Callable[[], None] | None = ended
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            ended, self._ended = self._ended, None
+            if ended is not None:
+                ended()
+
+
 def _params(request: Request) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
@@ -285,6 +338,7 @@ def _state_id(params: dict[str, list[str]]) -> str:
     values = params.get("id", [])
     if len(values) != 1 or not values[0]:
         raise ValidationError("id", "one non-empty state id is required")
+    check_text(values[0], "id", MAX_ID_BYTES)
     return values[0]
 
 
@@ -298,6 +352,7 @@ async def _load_data(engine: Engine, params: dict[str, list[str]]) -> tuple[str,
     aliases = params.get("alias", [])
     if len(aliases) != 1 or not aliases[0]:
         raise ValidationError("alias", "one non-empty data alias is required")
+    check_text(aliases[0], "alias", MAX_ANNOTATION_KEY_BYTES)
     ctx = StateCtx()
     await engine.do(get_state_by_id(ctx, state_id, rev))
     await engine.do(get_data(ctx, aliases[0]))
@@ -314,20 +369,67 @@ async def _target(request: Request, engine: Engine) -> StateCtx:
         body += chunk
         if len(body) > MAX_ACTION_BODY:
             raise ValidationError("body", f"larger than {MAX_ACTION_BODY} bytes")
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise ValidationError("body", f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValidationError("body", "expected a JSON object")
+    doc = parse_action_body(body)
     state_id, rev = doc.get("id"), doc.get("rev")
     if not isinstance(state_id, str) or not state_id:
         raise ValidationError("id", "a non-empty string is required")
-    if isinstance(rev, bool) or not isinstance(rev, int) or rev < 1:
-        raise ValidationError("rev", "the rev the action expects (an integer >= 1) is required")
+    check_text(state_id, "id", MAX_ID_BYTES)
+    if isinstance(rev, bool) or not isinstance(rev, int) or not 1 <= rev <= _MAX_REV:
+        raise ValidationError("rev", f"the rev the action expects (an integer 1..{_MAX_REV})")
     ctx = StateCtx()
     await engine.do(get_state_by_id(ctx, state_id, rev))
     return ctx
+
+
+def parse_action_body(body: bytes) -> dict[str, Any]:
+    """An action body as a JSON object: strict UTF-8, no NaN or Infinity, nesting at most
+    :data:`MAX_ACTION_DEPTH` deep; anything else is a :class:`ValidationError` on ``body``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError("body", f"not UTF-8 (byte {exc.start})") from None
+    depth = _nesting(text, MAX_ACTION_DEPTH)
+    if depth > MAX_ACTION_DEPTH:
+        raise ValidationError("body", f"nested more than {MAX_ACTION_DEPTH} levels deep")
+
+    def constant(name: str) -> Any:
+        raise ValidationError("body", f"{name} is not JSON")
+
+    try:
+        doc = json.loads(text, parse_constant=constant)
+    except ValidationError:
+        raise
+    except (ValueError, RecursionError) as exc:  # ValueError: also ints past 4,300 digits
+        raise ValidationError("body", f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValidationError("body", "expected a JSON object")
+    return doc
+
+
+def _nesting(text: str, limit: int) -> int:
+    """How deep arrays and objects nest in JSON ``text`` (strings skipped); stops counting
+    once past ``limit``."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _error(exc: Exception) -> Response:
