@@ -494,7 +494,7 @@ async def _served(driver: PostgresDriver) -> tuple[dict[str, Any], dict[str, Any
     async with fs.Engine(driver, recovery=False, delayer=False) as engine:
         app = create_app(driver, engine=engine)
         transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             health = (await http.get("/health")).json()
             info = (await http.get("/ui/api/info")).json()
     return health, info

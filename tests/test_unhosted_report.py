@@ -51,7 +51,7 @@ async def engine() -> AsyncIterator[fs.Engine]:
 async def get(engine: fs.Engine, path: str) -> httpx.Response:
     app = create_app(engine.driver, engine=engine)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         return await http.get(path)
 
 
