@@ -307,3 +307,19 @@ def test_flowstate_serve_remote_host(tmp_path: Path, recorders: Callable[[], Rec
     assert [h["authorization"] for _, h in good.requests] == [f"Bearer {TOKEN}"]
     warned = [line for line in lines if bad.url in line]
     assert len(warned) == 1 and "not allowed" in warned[0], warned
+
+
+def test_refused_hosts_are_remembered_up_to_a_cap(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stranger writing endless distinct hosts costs neither memory nor log lines without
+    end."""
+    monkeypatch.setattr("flowstate.netflow.MAX_REFUSED", 3)
+    registry = NetFlowRegistry("http://127.0.0.1:1", fs.MemoryDriver(), remote_hosts=["ok"])
+    caplog.set_level(logging.WARNING, "flowstate.netflow")
+    for i in range(10):
+        for _ in range(2):
+            registry.apply(advertisement(f"f{i}", f"http://h{i}.example").current)
+    assert len(registry._refused) == 3
+    assert sum("not allowed" in r.getMessage() for r in caplog.records) == 3
+    assert registry.remote_hosts() == {}

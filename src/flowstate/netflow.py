@@ -55,6 +55,8 @@ UNSET = "unset"
 #: Environment variable listing the allowed remote hosts (comma-separated ``HOST[:PORT]``).
 REMOTE_HOSTS_ENV = "FLOWSTATE_REMOTE_HOSTS"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Refused hosts remembered (each is warned about once); past this, refusals are silent.
+MAX_REFUSED = 1000
 
 #: An allowed endpoint: (lower-case host, port); port None allows every port of the host.
 Endpoint = tuple[str, int | None]
@@ -340,7 +342,9 @@ class NetFlowRegistry(FlowRegistry):
         if host == self.http_host:
             return
         if not self.allows(host):
-            if host not in self._refused:  # once per host: the store may repeat it forever
+            # once per host (the store may repeat it forever), for at most MAX_REFUSED hosts
+            # (a stranger could write endless distinct ones)
+            if host not in self._refused and len(self._refused) < MAX_REFUSED:
                 self._refused.add(host)
                 log.warning(
                     "ignoring remote flow %r advertised at %r: host not allowed "
