@@ -197,3 +197,25 @@ def test_a_broken_pipe_exits_quietly(tmp_path: Path, as_json: bool) -> None:
     # JSON is written state by state: the write after head left fails, status 141. The table
     # is one write that the pipe may take whole before head leaves: then 0 is right too.
     assert proc.returncode == 141 if as_json else proc.returncode in (0, 141)
+
+
+def test_a_malformed_remote_host_is_a_usage_error() -> None:
+    done = cli("serve", "--store", "memory://", "--addr", "127.0.0.1:0", "--remote-host", "h:x")
+    one_error(done, 2, "--remote-host", "h:x")
+    env_done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowstate",
+            "serve",
+            "--store",
+            "memory://",
+            "--addr",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env(), "FLOWSTATE_REMOTE_HOSTS": "ok,u@h"},
+        timeout=TIMEOUT,
+    )
+    one_error(env_done, 2, "FLOWSTATE_REMOTE_HOSTS", "u@h")

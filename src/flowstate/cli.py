@@ -418,6 +418,7 @@ def serve(
     advertised for remote flows. With --no-recoverer --no-delayer the server is a pure store,
     for clients that run their own recoverer and delayer (docs/serving.md).
     """
+    from flowstate.netflow import parse_remote_hosts
     from flowstate.server import serve as serve_forever
     from flowstate.server.run import listen, settings
 
@@ -426,6 +427,10 @@ def serve(
     except ValidationError as exc:
         fail(str(exc), 2)
     check_store_url(url)
+    try:
+        parse_remote_hosts(remote_host or (), "--remote-host")
+    except ValidationError as exc:
+        fail(str(exc), 2)
     if url.startswith("sqlite:///"):
         check_sqlite_path(url, url.removeprefix("sqlite:///"), must_exist=False)
     try:
