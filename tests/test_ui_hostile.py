@@ -346,3 +346,27 @@ async def _streams(pid: int, port: int, store: str) -> None:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_the_stream_cap_setting() -> None:
+    assert stream.max_streams({}) == stream.DEFAULT_MAX_STREAMS
+    assert stream.max_streams({"FLOWSTATE_UI_MAX_STREAMS": " 7 "}) == 7
+    for bad in ("0", "-1", "many", "1e3"):
+        with pytest.raises(fs.ValidationError, match="FLOWSTATE_UI_MAX_STREAMS"):
+            stream.max_streams({"FLOWSTATE_UI_MAX_STREAMS": bad})
+
+
+def test_a_row_keeps_only_short_annotation_values() -> None:
+    state = fs.State(
+        "s",
+        7,
+        annotations={"flowstate.recovery.max_attempts": "3", "blob": "x" * 10_000},
+        labels={"k": "v"},
+        transition=fs.Transition("f", {"flowstate.recovery.attempt": "2", "big": "y" * 300}),
+    )
+    slim = stream.for_row(state)
+    assert slim.annotations == {"flowstate.recovery.max_attempts": "3"}
+    assert slim.transition.annotations == {"flowstate.recovery.attempt": "2"}
+    assert (slim.id, slim.rev, slim.labels, slim.transition.to) == ("s", 7, {"k": "v"}, "f")
+    small = fs.State("t", 1, annotations={"a": "b"})
+    assert stream.for_row(small) is small  # nothing to drop: no copy
