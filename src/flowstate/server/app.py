@@ -117,17 +117,22 @@ async def receive_body(
     if message["type"] != "http.request":
         raise RequestError(400, "invalid_argument", "client disconnected mid-body")
     if message.get("more_body", False):
-        buffer = bytearray(body)
+        # the chunks are joined once at the end: growing one buffer chunk by chunk copied a
+        # 16 MiB body about ten times over (a third of the event loop's time under large bodies)
+        chunks = [body]
+        size = len(body)
         while True:
-            if len(buffer) > limit:
+            if size > limit:
                 raise _too_large(limit)
             message = await receive()
             if message["type"] != "http.request":
                 raise RequestError(400, "invalid_argument", "client disconnected mid-body")
-            buffer += message.get("body", b"")
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
             if not message.get("more_body", False):
                 break
-        body = bytes(buffer)
+        body = b"".join(chunks)
     if len(body) > limit:
         raise _too_large(limit)
     if encoding is not None:

@@ -569,6 +569,47 @@ _SNIFF_LIMIT = MAX_HEAD
 FIRST_BYTES_TIMEOUT = 75.0
 
 
+class CoalescedWrites:
+    """A transport whose writes made in one turn of the event loop leave as one.
+
+    uvicorn writes a response's head and its body with two ``write`` calls, each a ``send``
+    system call on uvloop; coalesced, an answer costs one (about 5 % of the server's CPU per
+    Commit). Everything else is the wrapped transport's; ``close`` sends what is pending
+    first, ``abort`` drops it.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def first_protocol(buffer: bytes) -> str | None:
     """Which server a connection whose first bytes are ``buffer`` goes to: ``"h2"`` (the
     HTTP/2 preface, or a first HTTP/1.1 request asking ``Upgrade: h2c``), ``"h1"``, or None
@@ -648,6 +689,9 @@ async def _serve_split(
             self._head += size
             if self._head > MAX_HEAD:
                 raise httptools.HttpParserError(f"request head over {MAX_HEAD} bytes")
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(CoalescedWrites(transport, loop))  # type: ignore[arg-type]
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -876,6 +920,11 @@ def serve(
     )
     s.remote_hosts = tuple(remote_hosts)
     _json_logging()
+    # The event loop gets the GIL back from a thread decoding a large body (or the SQLite
+    # writer) after at most SWITCH_INTERVAL instead of Python's default 5 ms: /health p99 under
+    # hostile 16 MiB bodies went from 43 to 32 ms (one sender). The server owns its process,
+    # so the process-wide setting is ours to make; an embedded create_app leaves it alone.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if (os.environ.get("FLOWSTATE_SERVER_LOOP") or DEFAULT_LOOP) == "uvloop":
         try:
             import uvloop
@@ -885,6 +934,10 @@ def serve(
             uvloop.run(_serve(s))
             return
     asyncio.run(_serve(s))
+
+
+#: The interpreter's thread switch interval while `flowstate serve` runs (seconds).
+SWITCH_INTERVAL = 0.001
 
 
 async def _serve(s: Settings) -> None:
