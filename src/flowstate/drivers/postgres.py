@@ -386,11 +386,15 @@ class PostgresDriver(Driver):
         # moment: on a store opened empty that was a sequential scan, kept as the store grew
         # until an ANALYZE (a get_state read 8,000 rows at 8,000 states). Penalizing sequential
         # scans keeps the indexes whatever the statistics say (schema version 9 does the same
-        # inside the commit functions).
+        # inside the commit functions). JIT goes with it: the penalty lifts the cost of the
+        # scans that remain (the reads of the rev and offset sequences, of small catalogs) past
+        # jit_above_cost, and compiling them took 15 ms a statement; the driver's statements
+        # are all small, where JIT never pays.
         return {
             "search_path": f'"{self.schema}"',
             "application_name": f"flowstate:{self.schema}",
             "enable_seqscan": "off",
+            "jit": "off",
         }
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
