@@ -35,6 +35,8 @@ from typing import Any
 
 import httpx
 
+from flowstate.wire.binary import put_varint
+
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = "/flowstate.v1.Driver/"
 MAX_BODY = 16 * 2**20
@@ -55,10 +57,7 @@ def bodies() -> dict[str, tuple[bytes, str | None]]:
 
 def _varint(value: int) -> bytes:
     out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
+    put_varint(out, value)
     return bytes(out)
 
 

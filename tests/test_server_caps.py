@@ -27,18 +27,10 @@ from flowstate.wire import codec
 from tests import netserver
 from tests.test_cli import COMMAND, TIMEOUT, env
 from tests.test_serve_roles import _serving_line
+from tests.wire_support import varint
 
 MIB = 2**20
 DRIVER = "/flowstate.v1.Driver/"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def hostile_bodies() -> dict[str, tuple[bytes, str | None, str]]:
@@ -51,7 +43,7 @@ def hostile_bodies() -> dict[str, tuple[bytes, str | None, str]]:
             "application/json",
             "state_ctxs",
         ),
-        "noops": (b"\x4a" + _varint(len(inner)) + inner, None, "commit.commands"),
+        "noops": (b"\x4a" + varint(len(inner)) + inner, None, "commit.commands"),
     }
 
 

@@ -22,7 +22,7 @@ from flowstate.server import BackgroundServer, create_app
 from flowstate.server.driver_service import METHODS
 from flowstate.wire import codec
 from tests.test_wire_fuzz import JSON_VALUES
-from tests.wire_support import any_command
+from tests.wire_support import any_command, varint
 
 MAX_BODY = 64 * 1024
 DRIVER = "/flowstate.v1.Driver/"
@@ -265,17 +265,8 @@ HEALTH_WAIT = 20.0
 HOSTILE_RSS_MB = 400
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _msg(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
+    return bytes([tag]) + varint(len(payload)) + payload
 
 
 def _keys(n: int, tag: int) -> bytes:
@@ -285,7 +276,7 @@ def _keys(n: int, tag: int) -> bytes:
 
 def _get_states(payload: bytes) -> bytes:
     """A Command whose get_states field (19: a two-byte tag) holds ``payload``."""
-    return b"\x9a\x01" + _varint(len(payload)) + payload
+    return b"\x9a\x01" + varint(len(payload)) + payload
 
 
 #: shape -> (bytes per item, builder of a body of n items, the path it is posted to)

@@ -22,17 +22,9 @@ from flowstate.wire.limits import (
     MAX_STATE_CTXS,
     MAX_TRANSITIONS,
 )
+from tests.wire_support import varint
 
 MIB = 2**20
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _peak(decode: Callable[[], object]) -> tuple[BaseException | None, int]:
@@ -72,7 +64,7 @@ def test_json_values_are_capped_under_unknown_keys() -> None:
 
 def test_a_commit_of_millions_of_noops_is_refused() -> None:
     inner = b"\x0a\x02\x52\x00" * (4 * MIB - 8)
-    body = b"\x4a" + _varint(len(inner)) + inner
+    body = b"\x4a" + varint(len(inner)) + inner
     exc, peak = _peak(lambda: codec.decode_command(body))
     assert isinstance(exc, WireError) and exc.field == "commit.commands", exc
     assert peak < 32 * MIB, peak
@@ -85,7 +77,7 @@ def test_a_commit_of_millions_of_noops_is_refused() -> None:
 def test_transitions_are_capped_across_the_message() -> None:
     per_ctx = MAX_TRANSITIONS // 10 + 1
     ctx = b"\x1a\x00" * per_ctx
-    body = (b"\x0a" + _varint(len(ctx)) + ctx) * 11 + b"\x52\x00"
+    body = (b"\x0a" + varint(len(ctx)) + ctx) * 11 + b"\x52\x00"
     with pytest.raises(WireError) as info:
         codec.decode_command(body)
     assert ".transitions" in info.value.field and info.value.field.startswith("state_ctxs[")

@@ -38,6 +38,7 @@ from flowstate.commands import (
 from flowstate.data import Data
 from flowstate.state import State, StateCtx, Transition
 from flowstate.wire import flowstate_pb2 as pb
+from flowstate.wire.binary import put_varint
 
 INT64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 # Any Unicode text the wire can carry (no lone surrogates).
@@ -428,3 +429,10 @@ def ctx_shape(c: StateCtx) -> Any:
         c.transitions,
         {k: (d.blob, d.annotations, d.rev) for k, d in c.datas.items()},
     )
+
+
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint (for hand-built hostile bodies)."""
+    out = bytearray()
+    put_varint(out, value)
+    return bytes(out)
