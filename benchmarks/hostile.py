@@ -123,7 +123,7 @@ def _send(
 
 
 def measure(
-    seconds: float = 20.0, senders: int = 2, rss_cap_mb: int = 4096, only: str = ""
+    seconds: float = 20.0, senders: int = 1, rss_cap_mb: int = 4096, only: str = ""
 ) -> dict[str, Any]:
     """``/health`` latency p50/p99/max (ms) while hostile bodies arrive, how many were sent
     and how they were answered, and the server's peak RSS (MB). ``only``: a comma-separated
@@ -213,7 +213,7 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--senders", type=int, default=2)
+    ap.add_argument("--senders", type=int, default=1)
     ap.add_argument("--rss-cap-mb", type=int, default=4096)
     ap.add_argument("--only", default="", help="comma-separated: " + ",".join(bodies()))
     args = ap.parse_args(argv)

@@ -199,7 +199,7 @@ def build_jobs(cfg: dict[str, Any], backends: list[str], dbos: bool) -> list[dic
         jobs.append(_hook("server_cpu", {**server, "seconds": secs}))
         jobs.append(_hook("client_cpu", {"callers": 16, "seconds": secs}))
         # hostile bodies against `/health` latency: 20 s in a full run, 3 s in a smoke run
-        jobs.append(_hook("hostile", {"seconds": max(3.0, secs * 4)}))
+        jobs.append(_hook("hostile", {"seconds": max(3.0, secs * 4), "senders": 1}))
     for i, job in enumerate(jobs):
         job["job"] = f"{i}_{job['scenario']}"
     return jobs
@@ -753,6 +753,19 @@ def issue13_targets(recs: list[dict[str, Any]], backends: list[str]) -> list[dic
                 "higher",
                 TARGET_CLIENT_PER_S,
                 why or (None if v is not None else "no commits_per_s in its result"),
+            )
+        )
+        m, why = _hook_result(recs, "hostile")
+        v = float(m["health_p99_ms"]) if m and "health_p99_ms" in m else None
+        out.append(
+            _t(
+                g,
+                "(issue 14) /health p99 < 50 ms while a client sends maximum-size hostile bodies",
+                v,
+                "ms",
+                "lower",
+                50.0,
+                why or (None if v is not None else "no health_p99_ms in its result"),
             )
         )
         for k, label in (
