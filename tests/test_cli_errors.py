@@ -118,19 +118,20 @@ def test_an_unknown_host_name(command: list[str]) -> None:
     assert "cannot serve on" not in line
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=IDS)
+_BAD_PORTS = ["postgresql://u@127.0.0.1:abc/db", "postgresql://u@127.0.0.1:99999/db"]
+_BAD_SERVER_PORTS = ["http://127.0.0.1:abc", "http://127.0.0.1:70000"]
+
+
 @pytest.mark.parametrize(
-    "url",
+    ("command", "url"),
     [
-        "postgresql://u@127.0.0.1:abc/db",
-        "postgresql://u@127.0.0.1:99999/db",
-        "http://127.0.0.1:abc",
-        "http://127.0.0.1:70000",
+        pytest.param(command, url, id=f"{name}-{url}")
+        for command, name in zip(COMMANDS, IDS, strict=True)
+        # serve takes database URLs only; the read commands also take a server's URL
+        for url in _BAD_PORTS + ([] if name == "serve" else _BAD_SERVER_PORTS)
     ],
 )
 def test_a_bad_port(command: list[str], url: str) -> None:
-    if command[0] == "serve" and url.startswith("http"):
-        pytest.skip("serve takes database URLs only")
     one_error(cli(*command, "--store", url), 2, "port")
 
 
