@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.server_cpu import wait_up
 from flowstate.wire.binary import put_varint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,16 +83,7 @@ def _start(port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5.0).raise_for_status()
-            return proc
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the server did not come up") from None
-            time.sleep(0.1)
+    return wait_up(proc, port, "the server")
 
 
 def _send(

@@ -241,6 +241,11 @@ def _start(stack: str, port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return wait_up(proc, port, f"the {stack} server")
+
+
+def wait_up(proc: subprocess.Popen[bytes], port: int, what: str) -> subprocess.Popen[bytes]:
+    """``proc`` once its server on ``port`` answers ``/health`` (killed after 60 s without)."""
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -249,7 +254,7 @@ def _start(stack: str, port: int) -> subprocess.Popen[bytes]:
         except httpx.TransportError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"the {stack} server did not come up") from None
+                raise RuntimeError(f"{what} did not come up") from None
             time.sleep(0.1)
 
 

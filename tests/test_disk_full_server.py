@@ -7,8 +7,6 @@ acknowledged lost. Skipped where a tmpfs cannot be mounted (failed instead under
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,35 +16,14 @@ import pytest
 import flowstate as fs
 from flowstate.drivers.sqlite import SqliteDriver
 from flowstate.wire import codec
-from tests import netserver
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: this test must run)")
-    pytest.skip(reason)
+from tests import mounts, netserver
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for this test only."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        _skip_or_fail("mount/umount not found: cannot create a small tmpfs to fill")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        _skip_or_fail(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
-    try:
+    with mounts.tmpfs(tmp_path / "disk", 2) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def fill(mnt: Path) -> Path:

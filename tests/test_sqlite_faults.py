@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sqlite3
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 
 import flowstate as fs
 from flowstate.drivers.sqlite import SqliteDriver
+from tests import mounts
 
 TIMEOUT = 30.0  # generous bound on every await: a hang fails the test instead of stalling it
 
@@ -112,32 +111,11 @@ async def driver(tmp_path: Path) -> AsyncIterator[SqliteDriver]:
 # a full disk (a real tmpfs): every commit of the failed batch gets an error, the writer lives
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: this test must run)")
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs mounted for this test only."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        _skip_or_fail("mount/umount not found: cannot create a small tmpfs to fill")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        _skip_or_fail(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
-    try:
+    with mounts.tmpfs(tmp_path / "tmpfs", 4) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 class SmallCacheDriver(SqliteDriver):
